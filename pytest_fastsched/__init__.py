@@ -1,0 +1,28 @@
+"""pytest-fastsched: deterministic tests of APScheduler jobs in FastAPI services.
+
+The fixtures (``fastsched_clock``, ``fastsched_scheduler``, ...) come from the plugin; this
+module exports the types to annotate them with and the plain assertion helpers.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+__all__ = ["JobRun", "JobRunError", "SchedulerHarness", "VirtualClock"]
+
+if TYPE_CHECKING:
+    from pytest_fastsched._clock import VirtualClock
+    from pytest_fastsched._scheduler import JobRun, JobRunError, SchedulerHarness
+
+
+def __getattr__(name: str) -> object:
+    # Lazy, so that importing the plugin does not import APScheduler or SQLAlchemy.
+    if name == "VirtualClock":
+        from pytest_fastsched._clock import VirtualClock
+
+        return VirtualClock
+    if name in ("JobRun", "JobRunError", "SchedulerHarness"):
+        from pytest_fastsched import _scheduler
+
+        return getattr(_scheduler, name)
+    raise AttributeError(f"module 'pytest_fastsched' has no attribute {name!r}")

@@ -1,0 +1,263 @@
+"""Settings of the plugin: ini options, their command-line twins, and the ``fastsched`` marker.
+
+Every setting is declared once in :data:`OPTIONS`; ``plugin.py`` registers each one as an ini
+option ``fastsched_<name>`` and a command-line option ``--fastsched-<name>`` (the command line
+wins). :func:`load_settings` validates them once, in ``pytest_configure``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime as dt
+import importlib
+from collections.abc import Callable, Mapping
+from typing import Any, Literal
+
+import pytest
+
+DOCS = "https://github.com/pytest-fastsched/pytest-fastsched#configuration"
+
+CLOCK_BACKENDS = ("freezegun", "time-machine")
+ISOLATION_MODES = ("rollback", "commit")
+JOB_ERROR_MODES = ("raise", "record")
+DEFAULT_START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+
+ClockBackendName = Literal["freezegun", "time-machine"]
+IsolationMode = Literal["rollback", "commit"]
+JobErrorMode = Literal["raise", "record"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Option:
+    """One setting: its ini name, help text and default (``None`` means unset)."""
+
+    name: str
+    help: str
+    default: str | None = None
+    flag: bool = False
+
+    @property
+    def ini_name(self) -> str:
+        return f"fastsched_{self.name}"
+
+    @property
+    def cli_name(self) -> str:
+        return "--fastsched-" + self.name.replace("_", "-")
+
+
+OPTIONS: tuple[Option, ...] = (
+    Option("scheduler", "the app's AsyncIOScheduler, as 'module:attr'"),
+    Option("sessionmaker", "the app's async_sessionmaker, as 'module:attr'"),
+    Option("metadata", "the app's SQLAlchemy MetaData, as 'module:attr'"),
+    Option("app", "the app's ASGI application (FastAPI instance), as 'module:attr'"),
+    Option(
+        "database",
+        "'sqlite' (embedded, default), 'postgresql' (ephemeral local server) "
+        "or the SQLAlchemy URL of an existing server",
+        default="sqlite",
+    ),
+    Option(
+        "clock_backend",
+        "wall-clock backend: 'freezegun' (default) or 'time-machine'",
+        default="freezegun",
+    ),
+    Option(
+        "start",
+        "virtual instant every clock starts at, ISO 8601 with a UTC offset "
+        "(default 2030-01-01T00:00:00+00:00)",
+        default=DEFAULT_START.isoformat(),
+    ),
+    Option(
+        "watchdog",
+        "real seconds a clock call may wait for jobs, requests or I/O before the test fails "
+        "(default 30)",
+        default="30",
+    ),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """The validated settings of one pytest run."""
+
+    scheduler: str | None
+    sessionmaker: str | None
+    metadata: str | None
+    app: str | None
+    database: str
+    clock_backend: ClockBackendName
+    start: dt.datetime
+    watchdog: float
+
+
+def _raw_value(config: pytest.Config, option: Option) -> str | None:
+    cli_value = config.getoption(option.ini_name, default=None)
+    if cli_value is not None:
+        return str(cli_value)
+    ini_value = config.getini(option.ini_name)
+    if ini_value in (None, "", []):
+        return option.default
+    return str(ini_value).strip()
+
+
+def _choice(option: Option, value: str, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        valid = ", ".join(repr(choice) for choice in choices)
+        raise pytest.UsageError(
+            f"{option.ini_name} = {value!r} is not valid: use one of {valid} "
+            f"(ini option {option.ini_name} or {option.cli_name}). See {DOCS}"
+        )
+    return value
+
+
+def _import_path(option: Option, value: str | None) -> str | None:
+    if value is None:
+        return None
+    module, sep, attr = value.partition(":")
+    if not sep or not module or not attr:
+        raise pytest.UsageError(
+            f"{option.ini_name} = {value!r} is not a 'module:attr' path: write it like "
+            f"'app.services.scheduler:scheduler'. See {DOCS}"
+        )
+    return value
+
+
+def parse_start(value: object, source: str) -> dt.datetime:
+    """Parse a start instant given as an aware datetime or an ISO 8601 string with an offset."""
+    if isinstance(value, str):
+        try:
+            value = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise pytest.UsageError(
+                f"{source} = {value!r} is not an ISO 8601 datetime: write it like "
+                f"'2030-01-01T00:00:00+00:00'"
+            ) from None
+    if not isinstance(value, dt.datetime):
+        raise pytest.UsageError(
+            f"{source} must be an aware datetime or an ISO 8601 string, not {value!r}"
+        )
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise pytest.UsageError(
+            f"{source} = {value.isoformat()!r} is naive: give it a UTC offset, "
+            f"e.g. '{value.isoformat()}+00:00' or tzinfo=timezone.utc"
+        )
+    return value.astimezone(dt.timezone.utc)
+
+
+def _positive_float(option: Option, value: str) -> float:
+    try:
+        number = float(value)
+    except ValueError:
+        number = float("nan")
+    if not number > 0:
+        raise pytest.UsageError(
+            f"{option.ini_name} = {value!r} is not valid: give a positive number of seconds"
+        )
+    return number
+
+
+def load_settings(config: pytest.Config) -> Settings:
+    """Read and validate every setting; a bad value is a ``pytest.UsageError`` naming the fix."""
+    raw = {option.name: _raw_value(config, option) for option in OPTIONS}
+    by_name = {option.name: option for option in OPTIONS}
+    database = raw["database"] or "sqlite"
+    if "://" not in database:
+        database = _choice(by_name["database"], database, ("sqlite", "postgresql"))
+    backend = _choice(by_name["clock_backend"], raw["clock_backend"] or "", CLOCK_BACKENDS)
+    return Settings(
+        scheduler=_import_path(by_name["scheduler"], raw["scheduler"]),
+        sessionmaker=_import_path(by_name["sessionmaker"], raw["sessionmaker"]),
+        metadata=_import_path(by_name["metadata"], raw["metadata"]),
+        app=_import_path(by_name["app"], raw["app"]),
+        database=database,
+        clock_backend=backend,  # type: ignore[arg-type]
+        start=parse_start(raw["start"], "fastsched_start"),
+        watchdog=_positive_float(by_name["watchdog"], raw["watchdog"] or ""),
+    )
+
+
+def resolve(path: str, option_name: str) -> Any:
+    """Import ``module:attr`` (dots allowed in attr); a failure names the option to fix."""
+    module_name, _, attr_path = path.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise pytest.UsageError(
+            f"{option_name} = {path!r}: cannot import module {module_name!r} ({exc}). "
+            f"Check the path and that the app is importable from the test run's rootdir."
+        ) from exc
+    for part in attr_path.split("."):
+        try:
+            target = getattr(target, part)
+        except AttributeError:
+            raise pytest.UsageError(
+                f"{option_name} = {path!r}: module {module_name!r} has no attribute "
+                f"{attr_path!r}. Check the name after the ':'."
+            ) from None
+    return target
+
+
+@dataclasses.dataclass(frozen=True)
+class MarkerOptions:
+    """The arguments of ``@pytest.mark.fastsched(...)``; every field is optional."""
+
+    start: dt.datetime | None = None
+    isolation: IsolationMode | None = None
+    job_errors: JobErrorMode = "raise"
+
+
+def _marker_signature(
+    *,
+    start: dt.datetime | str | None = None,
+    isolation: str | None = None,
+    job_errors: str = "raise",
+) -> MarkerOptions:
+    if isolation is not None and isolation not in ISOLATION_MODES:
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(isolation={isolation!r}) is not valid: "
+            f"use one of {', '.join(map(repr, ISOLATION_MODES))}"
+        )
+    if job_errors not in JOB_ERROR_MODES:
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(job_errors={job_errors!r}) is not valid: "
+            f"use one of {', '.join(map(repr, JOB_ERROR_MODES))}"
+        )
+    return MarkerOptions(
+        start=None if start is None else parse_start(start, "@pytest.mark.fastsched(start=...)"),
+        isolation=isolation,  # type: ignore[arg-type]
+        job_errors=job_errors,  # type: ignore[arg-type]
+    )
+
+
+MARKER_HELP = (
+    "fastsched(*, start=None, isolation=None, job_errors='raise'): per-test settings of "
+    "pytest-fastsched: the virtual start instant, the database isolation mode "
+    "('rollback' or 'commit'), and whether job exceptions fail the test ('raise') or are "
+    "only recorded ('record')."
+)
+
+
+def marker_options(node: pytest.Item) -> MarkerOptions:
+    """Merge the ``fastsched`` markers of a test (closest wins) into one validated value."""
+    kwargs: dict[str, Any] = {}
+    for marker in reversed(list(node.iter_markers("fastsched"))):
+        if marker.args:
+            raise pytest.UsageError(
+                f"@pytest.mark.fastsched takes keyword arguments only, got {marker.args!r} "
+                f"on {node.nodeid}"
+            )
+        kwargs.update(marker.kwargs)
+    return _call_signature(_marker_signature, kwargs, "@pytest.mark.fastsched")
+
+
+def _call_signature(
+    signature: Callable[..., MarkerOptions], kwargs: Mapping[str, Any], shown_as: str
+) -> MarkerOptions:
+    try:
+        return signature(**kwargs)
+    except TypeError as exc:
+        unexpected = str(exc).split("argument", 1)[-1].strip()
+        valid = ", ".join(field.name for field in dataclasses.fields(MarkerOptions))
+        raise pytest.UsageError(
+            f"{shown_as} got an unexpected keyword argument {unexpected}; valid: {valid}"
+        ) from None
