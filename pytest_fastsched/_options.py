@@ -144,6 +144,16 @@ def parse_start(value: object, source: str) -> dt.datetime:
     return value.astimezone(dt.timezone.utc)
 
 
+def clock_backend(value: str) -> ClockBackendName:
+    """Validate a clock backend name given by the ``fastsched_clock_backend`` fixture."""
+    if value not in CLOCK_BACKENDS:
+        valid = ", ".join(repr(choice) for choice in CLOCK_BACKENDS)
+        raise pytest.UsageError(
+            f"fastsched_clock_backend = {value!r} is not valid: use one of {valid}"
+        )
+    return value  # type: ignore[return-value]
+
+
 def _positive_float(option: Option, value: str) -> float:
     try:
         number = float(value)

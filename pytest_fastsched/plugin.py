@@ -60,7 +60,23 @@ def settings_of(request: pytest.FixtureRequest) -> _options.Settings:
 
 
 @pytest.fixture
-def fastsched_clock(request: pytest.FixtureRequest) -> Iterator[VirtualClock]:
+def fastsched_clock_backend(request: pytest.FixtureRequest) -> str:
+    """The wall-clock backend of ``fastsched_clock``: ``freezegun`` or ``time-machine``.
+
+    Defaults to the ``fastsched_clock_backend`` setting. Override it to run tests on both,
+    as anyio's ``anyio_backend`` works::
+
+        @pytest.fixture(params=["freezegun", "time-machine"])
+        def fastsched_clock_backend(request):
+            return request.param
+    """
+    return settings_of(request).clock_backend
+
+
+@pytest.fixture
+def fastsched_clock(
+    request: pytest.FixtureRequest, fastsched_clock_backend: str
+) -> Iterator[VirtualClock]:
     """The virtual clock of this test.
 
     The wall clock (``datetime.now()``, ``time.time()``, in every thread) reads the virtual
@@ -74,7 +90,7 @@ def fastsched_clock(request: pytest.FixtureRequest) -> Iterator[VirtualClock]:
     marker = _options.marker_options(request.node)
     clock = VirtualClock(
         start=marker.start or settings.start,
-        backend=settings.clock_backend,
+        backend=_options.clock_backend(fastsched_clock_backend),
         watchdog=settings.watchdog,
     )
     clock.start()
@@ -108,3 +124,130 @@ def fastsched_scheduler(
         yield harness
     finally:
         harness.close()
+
+
+# --- databases ------------------------------------------------------------------------------
+# The fastsched_db fixture, the hand-over of the PostgreSQL server to xdist workers, and the
+# reports of database guard errors and MissingGreenlet. The logic lives in _db.py, which
+# imports SQLAlchemy: it is imported only where a database is really in use.
+
+import pytest_asyncio  # noqa: E402
+
+if TYPE_CHECKING:
+    from collections.abc import AsyncIterator, Generator
+    from typing import Any
+
+    from pytest_fastsched._db import Controller, Database, Databases
+
+DATABASES_KEY: pytest.StashKey[Databases] = pytest.StashKey()
+CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
+DATABASE_OF_TEST_KEY: pytest.StashKey[Database] = pytest.StashKey()
+
+
+@pytest.hookimpl(specname="pytest_configure", trylast=True)
+def pytest_configure_databases(config: pytest.Config) -> None:
+    database = config.stash[SETTINGS_KEY].database
+    if "://" in database:
+        scheme = database.partition("://")[0].partition("+")[0]
+        if scheme not in ("postgresql", "postgres"):
+            raise pytest.UsageError(
+                f"fastsched_database = {_redact(database)!r} is not a PostgreSQL URL: use "
+                "'sqlite', 'postgresql' (a local server the plugin starts) or the URL of an "
+                "existing PostgreSQL server, such as "
+                "'postgresql+asyncpg://user:password@localhost:5432/postgres' (the plugin works "
+                f"in a scratch database it creates and drops there). See {_options.DOCS}"
+            )
+
+
+@pytest.hookimpl(specname="pytest_collection_finish")
+def pytest_collection_finish_databases(session: pytest.Session) -> None:
+    # Import the database stack before a test starts the virtual clock: a C extension first
+    # imported while freezegun has replaced datetime.date fails its size check (asyncpg).
+    if any("fastsched_db" in getattr(item, "fixturenames", ()) for item in session.items):
+        from pytest_fastsched import _db
+
+        _db.import_driver(session.config.stash[SETTINGS_KEY].database)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node: Any) -> None:
+    """xdist controller: start the run's PostgreSQL server once and tell each worker of it."""
+    config = node.config
+    if config.stash[SETTINGS_KEY].database == "sqlite":
+        return
+    from pytest_fastsched._db import Controller
+
+    if CONTROLLER_KEY not in config.stash:
+        config.stash[CONTROLLER_KEY] = Controller(config.stash[SETTINGS_KEY].database)
+    node.workerinput.update(config.stash[CONTROLLER_KEY].workerinput())
+
+
+@pytest.hookimpl(specname="pytest_unconfigure")
+def pytest_unconfigure_databases(config: pytest.Config) -> None:
+    if DATABASES_KEY in config.stash:
+        config.stash[DATABASES_KEY].close()
+        del config.stash[DATABASES_KEY]
+    if CONTROLLER_KEY in config.stash:
+        config.stash[CONTROLLER_KEY].close()
+        del config.stash[CONTROLLER_KEY]
+
+
+@pytest_asyncio.fixture
+async def fastsched_db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+    """The test database, with the app's sessionmaker bound to it for this test.
+
+    ``@pytest.mark.fastsched(isolation="rollback")`` (the default): one connection in an outer
+    transaction; each commit of the app's sessions releases a savepoint, visible to the test,
+    and everything is rolled back after it. ``isolation="commit"``: real commits on separate
+    connections, for work across connections; the tables are emptied after the test.
+
+    An async fixture: it runs on the loop of ``asyncio_default_fixture_loop_scope``, which
+    must be the loop of the test (the same loop scope), as the test connection cannot move
+    between loops.
+    """
+    from pytest_fastsched import _db
+
+    config = request.config
+    if DATABASES_KEY not in config.stash:
+        config.stash[DATABASES_KEY] = _db.for_config(config, settings_of(request))
+    isolation = _options.marker_options(request.node).isolation or "rollback"
+    async with config.stash[DATABASES_KEY].open_test(isolation) as database:
+        request.node.stash[DATABASE_OF_TEST_KEY] = database
+        try:
+            yield database
+        finally:
+            del request.node.stash[DATABASE_OF_TEST_KEY]
+
+
+@pytest.hookimpl(specname="pytest_runtest_call", wrapper=True)
+def pytest_runtest_call_databases(item: pytest.Item) -> Generator[None, object, object]:
+    # A job that swallows every exception hides a guard error: fail the test that passed.
+    result = yield
+    database = item.stash.get(DATABASE_OF_TEST_KEY, None)
+    if database is not None:
+        database.raise_guard_errors()
+    return result
+
+
+@pytest.hookimpl(specname="pytest_runtest_makereport", wrapper=True)
+def pytest_runtest_makereport_databases(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    import sys
+
+    report = yield
+    addsection = getattr(report.longrepr, "addsection", None)
+    if call.excinfo is None or addsection is None:
+        return report
+    if "sqlalchemy" not in sys.modules:  # then neither the database nor MissingGreenlet
+        return report
+    from pytest_fastsched import _db
+
+    failure = call.excinfo.value
+    database = item.stash.get(DATABASE_OF_TEST_KEY, None)
+    for error in database.unreported_guard_errors(failure) if database is not None else []:
+        addsection("fastsched_db guard", str(error))
+    hint = _db.missing_greenlet_hint(failure)
+    if hint is not None:
+        addsection("pytest-fastsched hint", hint)
+    return report

@@ -1,0 +1,671 @@
+"""Virtual time: one clock with two faces, the event loop's ``time()`` and the wall clock.
+
+The wall clock (``datetime.now()``, ``datetime.utcnow()``, ``time.time()``, in every thread)
+is patched by a pluggable backend (freezegun or time-machine). The event loop's clock is
+patched on the loop instance only: ``time.monotonic`` is never patched globally, because that
+hangs asyncio and every ``threading`` timeout.
+
+Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
+:meth:`VirtualClock.jump` and :meth:`VirtualClock.run_until_idle`. Each of them repeats: let
+everything runnable at this instant run, wait (in real time) for work the clock can see in
+flight, then step to the next loop timer (APScheduler's wake-ups are loop timers) and go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import datetime as dt
+import functools
+import inspect
+import math
+import threading
+import time
+from collections.abc import Awaitable, Callable, Iterator
+from typing import Any, Protocol, TypeVar
+
+import pytest
+
+_T = TypeVar("_T")
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_US = 1_000_000
+# Idle loop cycles that confirm quiescence after the ready queue first looks empty: covers
+# callbacks that schedule callbacks (call_soon chains, future done-callbacks).
+_IDLE_CYCLES = 3
+# How often (real seconds) a waiting clock call re-checks its watchdog.
+_TICK = 0.05
+# The async functions that wait for database drivers: (module, attribute path).
+_IO_TARGETS = (
+    ("sqlalchemy.ext.asyncio.engine", "greenlet_spawn"),
+    ("sqlalchemy.ext.asyncio.session", "greenlet_spawn"),
+    ("sqlalchemy.ext.asyncio.result", "greenlet_spawn"),
+    ("sqlalchemy.ext.asyncio.engine", "_ensure_sync_result"),
+    ("sqlalchemy.ext.asyncio.session", "_ensure_sync_result"),
+    ("aiosqlite.core", "Connection._execute"),
+)
+
+
+class ClockError(Exception):
+    """A clock call was used wrongly; the message says how to call it."""
+
+
+class WatchdogTimeout(AssertionError):
+    """Work the clock waited for did not finish within the real-time watchdog."""
+
+
+def to_us(instant: dt.datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime, exactly."""
+    delta = instant - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
+
+
+def from_us(us: int) -> dt.datetime:
+    """The aware UTC datetime ``us`` microseconds after the Unix epoch."""
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
+class WallClock(Protocol):
+    """A wall-clock backend: freezes ``datetime.now()`` / ``time.time()`` and moves them."""
+
+    name: str
+
+    def start(self, instant: dt.datetime) -> None: ...
+    def move_to(self, instant: dt.datetime) -> None: ...
+    def stop(self) -> None: ...
+
+
+def _naive_utc(instant: dt.datetime) -> dt.datetime:
+    # Naive UTC on purpose: an aware destination makes time-machine set TZ, which changes
+    # what tzlocal (and so APScheduler's default timezone) reports.
+    return instant.astimezone(dt.timezone.utc).replace(tzinfo=None)
+
+
+class FreezegunWallClock:
+    """freezegun, configured so that every module and every thread sees the virtual time.
+
+    freezegun's defaults are wrong here: its ignore list (``threading``, ``queue``, ...)
+    makes worker threads read the real clock, and it freezes ``time.monotonic``, which hangs
+    ``asyncio.sleep`` and thread timeouts. Both are undone right after ``start()``.
+    """
+
+    name = "freezegun"
+
+    def start(self, instant: dt.datetime) -> None:
+        from freezegun import freeze_time
+
+        self._freezer = freeze_time(_naive_utc(instant), tick=False)
+        self._freezer.ignore = ()
+        self._factory = self._freezer.start()
+        self._restore_monotonic()
+        self._keep_fold()
+
+    def _keep_fold(self) -> None:
+        # freezegun rebuilds every datetime result without its ``fold``, so the second
+        # 02:30 of a DST fall-back night becomes the first again and APScheduler's cron
+        # trigger loops forever at that hour. Keep the fold while the clock runs.
+        from freezegun import api
+
+        dropping_fold = api.datetime_to_fakedatetime
+
+        def datetime_to_fakedatetime(value: dt.datetime) -> dt.datetime:
+            return dropping_fold(value).replace(fold=value.fold)
+
+        self._dropping_fold = dropping_fold
+        api.datetime_to_fakedatetime = datetime_to_fakedatetime  # type: ignore[assignment]
+
+    def _restore_monotonic(self) -> None:
+        from freezegun import api
+
+        names = ("monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns")
+        reals = {
+            name: getattr(api, f"real_{name}") for name in names if hasattr(api, f"real_{name}")
+        }
+        for name, real in reals.items():
+            setattr(time, name, real)
+        real_ids = {id(real) for real in reals.values()}
+        kept = []
+        for module, attribute, original in self._freezer.undo_changes:
+            if id(original) in real_ids:
+                setattr(module, attribute, original)
+            else:
+                kept.append((module, attribute, original))
+        self._freezer.undo_changes = kept
+
+    def move_to(self, instant: dt.datetime) -> None:
+        self._factory.move_to(_naive_utc(instant))
+
+    def stop(self) -> None:
+        from freezegun import api
+
+        api.datetime_to_fakedatetime = self._dropping_fold
+        self._freezer.stop()
+
+
+class TimeMachineWallClock:
+    """time-machine: patches the C-level clocks, so every thread agrees; fast to start."""
+
+    name = "time-machine"
+
+    def start(self, instant: dt.datetime) -> None:
+        try:
+            import time_machine
+        except ImportError:
+            raise pytest.UsageError(
+                "fastsched_clock_backend = 'time-machine' needs the time-machine package: "
+                "pip install 'pytest-fastsched[time-machine]'"
+            ) from None
+        self._instant = instant
+        self._travel = time_machine.travel(_naive_utc(instant), tick=False)
+        self._traveller = self._travel.start()
+
+    def move_to(self, instant: dt.datetime) -> None:
+        self._traveller.shift(instant - self._instant)
+        self._instant = instant
+
+    def stop(self) -> None:
+        self._travel.stop()
+
+
+def make_wall_clock(backend: str) -> WallClock:
+    """The wall-clock backend called ``backend`` (``freezegun`` or ``time-machine``)."""
+    if backend == "time-machine":
+        return TimeMachineWallClock()
+    return FreezegunWallClock()
+
+
+class _Inflight:
+    """Counts real work in flight on the loop: executor futures and SQLAlchemy I/O."""
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.waiter: asyncio.Future[None] | None = None
+
+    def enter(self) -> None:
+        self.count += 1
+
+    def exit(self) -> None:
+        self.count -= 1
+        if self.waiter is not None and not self.waiter.done():
+            self.waiter.set_result(None)
+
+
+class _LoopPatch:
+    """The instance-level patches that put one event loop on virtual time."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, clock: VirtualClock) -> None:
+        if not isinstance(loop, asyncio.BaseEventLoop):
+            raise ClockError(
+                f"fastsched_clock cannot drive this event loop ({type(loop).__module__}."
+                f"{type(loop).__qualname__}): it needs asyncio's own event loop "
+                f"(asyncio.BaseEventLoop), whose clock can be replaced per instance. Run the "
+                f"tests that use fastsched_clock without uvloop (e.g. do not install uvloop's "
+                f"event loop policy for them)."
+            )
+        self.loop = loop
+        self.origin_loop_time = loop.time()
+        self.origin_us = clock.now_us
+        self.loop_time = self.origin_loop_time
+        self._clock = clock
+        self._had_time = "time" in vars(loop)
+        self._had_run_in_executor = "run_in_executor" in vars(loop)
+        original_run_in_executor = loop.run_in_executor
+        inflight = clock.inflight
+
+        def run_in_executor(executor: Any, func: Callable[..., _T], *args: Any) -> Any:
+            # Executor threads run in a copy of the caller's context, as asyncio.to_thread
+            # does, so job-run context vars reach sync jobs too.
+            context = contextvars.copy_context()
+            future = original_run_in_executor(
+                executor, functools.partial(context.run, func), *args
+            )
+            inflight.enter()
+            future.add_done_callback(lambda _: inflight.exit())
+            return future
+
+        loop.time = lambda: self.loop_time  # type: ignore[method-assign]
+        loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
+
+    def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
+        computed = self.origin_loop_time + (now_us - self.origin_us) / _US
+        if timer_when is not None:
+            # The loop runs a timer only when ``when < time() + clock_resolution``; far from
+            # zero a float cannot hold that sum, so step one float past the timer instead.
+            computed = max(computed, math.nextafter(timer_when, math.inf))
+        self.loop_time = computed
+
+    def us_of_loop_time(self, when: float) -> int:
+        exact = self.origin_us + (when - self.origin_loop_time) * _US
+        nearest = round(exact)
+        # APScheduler computes its wake-up delay from float timestamps, so its timers land
+        # within a fraction of a microsecond of the exact fire time: snap to it.
+        return nearest if abs(exact - nearest) < 0.5 else math.ceil(exact)
+
+    def restore(self) -> None:
+        for name, had in (
+            ("time", self._had_time),
+            ("run_in_executor", self._had_run_in_executor),
+        ):
+            if not had:
+                vars(self.loop).pop(name, None)
+
+
+class _IoCounter:
+    """Counts database I/O in flight by wrapping the async functions that wait for drivers.
+
+    Every awaited database call of SQLAlchemy's asyncio extension (connect, execute, fetch,
+    commit, rollback, close) runs inside ``greenlet_spawn``, except the cursor soft-close of
+    ``_ensure_sync_result`` (SQLAlchemy 2.0.44+); raw aiosqlite calls all go through
+    ``Connection._execute``. While one of them is in flight the loop waits for a driver
+    (aiosqlite's thread, asyncpg's socket), so time must not jump. The wrappers are in place
+    only while a clock is attached.
+    """
+
+    def __init__(self, inflight: _Inflight) -> None:
+        self._inflight = inflight
+        self._patched: list[tuple[Any, str, Any]] = []
+        self.install()
+
+    def install(self) -> None:
+        """Wrap the targets imported so far; called again before each clock call."""
+        import sys
+
+        for module_name, path in _IO_TARGETS:
+            owner: Any = sys.modules.get(module_name)
+            *parents, name = path.split(".")
+            for parent in parents:
+                owner = getattr(owner, parent, None)
+            original = getattr(owner, name, None)
+            if original is None or getattr(original, "_fastsched", False):
+                continue
+            setattr(owner, name, self._counting(original, self._inflight))
+            self._patched.append((owner, name, original))
+
+    @staticmethod
+    def _counting(original: Callable[..., Awaitable[Any]], inflight: _Inflight) -> Any:
+        @functools.wraps(original)
+        async def counted(*args: Any, **kwargs: Any) -> Any:
+            inflight.enter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                inflight.exit()
+
+        counted._fastsched = True  # type: ignore[attr-defined]
+        return counted
+
+    def restore(self) -> None:
+        for owner, name, original in reversed(self._patched):
+            setattr(owner, name, original)
+        self._patched.clear()
+
+
+class _Watchdog:
+    """Real-time limit of one clock call: pokes the loop every tick so waits re-check it."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self._loop = loop
+        self._stop = threading.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="fastsched-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(_TICK):
+            try:
+                self._loop.call_soon_threadsafe(self._poke)
+            except RuntimeError:
+                return
+
+    def _poke(self) -> None:
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def expired(self) -> bool:
+        return time.monotonic() > self.deadline
+
+    def progress(self) -> None:
+        self.deadline = time.monotonic() + self.seconds
+
+    def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
+        self._waiter = waiter
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+class VirtualClock:
+    """The virtual clock of one test (the ``fastsched_clock`` fixture).
+
+    ``now()`` is the virtual instant (aware, UTC). The wall clock reads it everywhere from
+    the start of the test; the test's event loop reads it from the moment the test coroutine
+    starts. Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
+    ``run_until_idle()``, which also run every job, timer and callback that falls due.
+    """
+
+    def __init__(self, *, start: dt.datetime, backend: str = "freezegun", watchdog: float = 30.0):
+        if start.tzinfo is None or start.utcoffset() is None:
+            raise ClockError(f"the start instant {start.isoformat()} is naive: give it a tzinfo")
+        self.start_instant = start.astimezone(dt.timezone.utc)
+        self.real_start = dt.datetime.now(dt.timezone.utc)
+        self.now_us = to_us(self.start_instant)
+        self.watchdog_seconds = watchdog
+        self.inflight = _Inflight()
+        self._wall = make_wall_clock(backend)
+        self._loop_patch: _LoopPatch | None = None
+        self._io_counter: _IoCounter | None = None
+        self._driving = False
+        self._started = False
+        self._checks: list[Callable[[], None]] = []
+        self._busy_sources: list[Callable[[], int]] = []
+        self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
+        self._describers: list[Callable[[], list[str]]] = []
+
+    @property
+    def backend(self) -> str:
+        """The wall-clock backend in use: ``freezegun`` or ``time-machine``."""
+        return self._wall.name
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop | None:
+        """The event loop on virtual time, once the test coroutine has started."""
+        return None if self._loop_patch is None else self._loop_patch.loop
+
+    def now(self) -> dt.datetime:
+        """The virtual instant, as an aware UTC datetime."""
+        return from_us(self.now_us)
+
+    # -- life cycle ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        """Put the wall clock on virtual time (the fixture calls this)."""
+        self._wall.start(self.now())
+        self._started = True
+
+    def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """Put ``loop`` (default: the running loop) on virtual time; idempotent."""
+        loop = loop or asyncio.get_running_loop()
+        if self._loop_patch is not None:
+            if self._loop_patch.loop is not loop:
+                raise ClockError(
+                    "fastsched_clock is already attached to another event loop: use it only "
+                    "from the test's own loop"
+                )
+            return
+        self._loop_patch = _LoopPatch(loop, self)
+        self._io_counter = _IoCounter(self.inflight)
+        for callback in self._on_attach:
+            callback(loop)
+
+    def attach_on_test_start(self, item: pytest.Item) -> Callable[[], None]:
+        """Make the test coroutine attach the clock to its loop before its first line runs."""
+        original = getattr(item, "obj", None)
+        if original is None or not inspect.iscoroutinefunction(original):
+            return lambda: None
+        clock = self
+
+        @functools.wraps(original)
+        async def attached_test(*args: Any, **kwargs: Any) -> Any:
+            clock.attach()
+            return await original(*args, **kwargs)
+
+        item.obj = attached_test  # type: ignore[attr-defined]
+
+        def restore() -> None:
+            item.obj = original  # type: ignore[attr-defined]
+
+        return restore
+
+    def close(self) -> None:
+        """Restore the loop's clock and the wall clock (the fixture calls this)."""
+        if self._io_counter is not None:
+            self._io_counter.restore()
+            self._io_counter = None
+        if self._loop_patch is not None:
+            self._loop_patch.restore()
+            self._loop_patch = None
+        if self._started:
+            self._wall.stop()
+            self._started = False
+
+    # -- hooks for the scheduler harness and the client ---------------------------------------
+
+    def add_check(self, check: Callable[[], None]) -> None:
+        """Run ``check`` after every settled instant; it raises to stop the clock call."""
+        self._checks.append(check)
+
+    def add_busy_source(self, source: Callable[[], int]) -> None:
+        """Count real work in flight that the clock cannot see (e.g. thread-pool jobs)."""
+        self._busy_sources.append(source)
+
+    def on_attach(self, callback: Callable[[asyncio.AbstractEventLoop], None]) -> None:
+        """Call ``callback(loop)`` when the clock attaches to the test's loop (or now)."""
+        self._on_attach.append(callback)
+        if self._loop_patch is not None:
+            callback(self._loop_patch.loop)
+
+    def add_describer(self, describer: Callable[[], list[str]]) -> None:
+        """Lines that describe pending work, shown when the watchdog fires."""
+        self._describers.append(describer)
+
+    def poke(self) -> None:
+        """Wake a clock call that waits for busy work; safe from any thread."""
+        loop = self.loop
+        if loop is not None and not loop.is_closed():
+            loop.call_soon_threadsafe(self._wake_waiter)
+
+    def _wake_waiter(self) -> None:
+        waiter = self.inflight.waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    # -- moving time --------------------------------------------------------------------------
+
+    async def advance(
+        self,
+        delta: dt.timedelta | float | None = None,
+        *,
+        seconds: float = 0,
+        minutes: float = 0,
+        hours: float = 0,
+        days: float = 0,
+    ) -> None:
+        """Move time forward by ``delta`` (or the keyword amounts), firing everything due.
+
+        Every deadline on the way (job fire times, ``asyncio.sleep`` inside jobs) is visited
+        in order, and everything runnable settles at each instant before time moves on. A
+        job exception is raised from here at the virtual instant it happened.
+        """
+        __tracebackhide__ = True
+        step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
+        await self._drive(self.now_us + step, visit_deadlines=True)
+
+    async def advance_to(self, instant: dt.datetime) -> None:
+        """Move time forward to the aware datetime ``instant``, firing everything due."""
+        __tracebackhide__ = True
+        await self._drive(self._target_of(instant, "advance_to"), visit_deadlines=True)
+
+    async def jump(
+        self,
+        delta: dt.timedelta | float | None = None,
+        *,
+        seconds: float = 0,
+        minutes: float = 0,
+        hours: float = 0,
+        days: float = 0,
+    ) -> None:
+        """Move time forward at once, as when the process was suspended; then catch up.
+
+        Nothing runs at the instants in between: jobs that fell due meanwhile are handled by
+        APScheduler's own misfire and coalescing rules when the scheduler wakes up late.
+        """
+        __tracebackhide__ = True
+        step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
+        await self._drive(self.now_us + step, visit_deadlines=False)
+
+    async def run_until_idle(self) -> None:
+        """Run everything runnable at the current instant, without moving time."""
+        __tracebackhide__ = True
+        await self._drive(self.now_us, visit_deadlines=True)
+
+    def _target_of(self, instant: dt.datetime, method: str) -> int:
+        if not isinstance(instant, dt.datetime):
+            raise ClockError(f"{method}() takes an aware datetime, not {instant!r}")
+        if instant.tzinfo is None or instant.utcoffset() is None:
+            raise ClockError(
+                f"{method}({instant.isoformat()!r}) got a naive datetime: give it a tzinfo, "
+                f"e.g. {instant.isoformat()}+00:00 or tzinfo=timezone.utc"
+            )
+        target = to_us(instant)
+        if target < self.now_us:
+            raise ClockError(
+                f"{method}({instant.isoformat()}) would move time backwards from "
+                f"{self.now().isoformat()}: virtual time only moves forward"
+            )
+        return target
+
+    async def _drive(self, target_us: int, *, visit_deadlines: bool) -> None:
+        __tracebackhide__ = True
+        if not self._started:
+            raise ClockError("the clock is closed: use fastsched_clock only inside its test")
+        if self._driving:
+            raise ClockError(
+                "a fastsched_clock call is already moving time: await one advance() at a time"
+            )
+        self.attach()
+        assert self._io_counter is not None
+        self._io_counter.install()
+        loop = asyncio.get_running_loop()
+        watchdog = _Watchdog(loop, self.watchdog_seconds)
+        self._driving = True
+        try:
+            await self._drive_to(target_us, visit_deadlines, watchdog)
+        finally:
+            self._driving = False
+            watchdog.stop()
+
+    async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: _Watchdog) -> None:
+        __tracebackhide__ = True
+        if not visit_deadlines:
+            self._set_now(target_us)
+        while True:
+            await self._settle(watchdog)
+            self._run_checks()
+            deadline = self._next_deadline()
+            if deadline is None or deadline[0] > target_us:
+                break
+            if deadline[0] > self.now_us:
+                watchdog.progress()
+            self._set_now(*deadline)
+        if self.now_us < target_us:
+            self._set_now(target_us)
+            await self._settle(watchdog)
+            self._run_checks()
+
+    def _set_now(self, now_us: int, timer_when: float | None = None) -> None:
+        if now_us > self.now_us:
+            self.now_us = now_us
+            self._wall.move_to(self.now())
+        assert self._loop_patch is not None
+        self._loop_patch.sync_to(self.now_us, timer_when)
+
+    def _next_deadline(self) -> tuple[int, float] | None:
+        assert self._loop_patch is not None
+        scheduled = self._loop_patch.loop._scheduled  # type: ignore[attr-defined]
+        whens = [handle.when() for handle in scheduled if not handle.cancelled()]
+        if not whens:
+            return None
+        when = min(whens)
+        return self._loop_patch.us_of_loop_time(when), when
+
+    def _busy(self) -> int:
+        return self.inflight.count + sum(source() for source in self._busy_sources)
+
+    async def _settle(self, watchdog: _Watchdog) -> None:
+        __tracebackhide__ = True
+        assert self._loop_patch is not None
+        loop = self._loop_patch.loop
+        idle_cycles = 0
+        while idle_cycles < _IDLE_CYCLES:
+            await asyncio.sleep(0)
+            if watchdog.expired():
+                self._raise_watchdog(watchdog)
+            if loop._ready or self._timer_due(loop):  # type: ignore[attr-defined]
+                idle_cycles = 0
+            elif self._busy():
+                await self._wait_for_busy_work(loop, watchdog)
+                idle_cycles = 0
+            else:
+                idle_cycles += 1
+
+    def _timer_due(self, loop: asyncio.AbstractEventLoop) -> bool:
+        scheduled = loop._scheduled  # type: ignore[attr-defined]
+        return bool(scheduled) and scheduled[0].when() < loop.time()
+
+    async def _wait_for_busy_work(
+        self, loop: asyncio.AbstractEventLoop, watchdog: _Watchdog
+    ) -> None:
+        waiter: asyncio.Future[None] = loop.create_future()
+        self.inflight.waiter = waiter
+        watchdog.wake_on_tick(waiter)
+        try:
+            await waiter
+        finally:
+            self.inflight.waiter = None
+
+    def _run_checks(self) -> None:
+        __tracebackhide__ = True
+        for check in self._checks:
+            check()
+
+    def _raise_watchdog(self, watchdog: _Watchdog) -> None:
+        __tracebackhide__ = True
+        lines = [line for describe in self._describers for line in describe()]
+        pending = "\n".join(f"  {line}" for line in lines) or "  (no job run is pending)"
+        raise WatchdogTimeout(
+            f"fastsched watchdog: work did not finish within {watchdog.seconds:g} real "
+            f"seconds at virtual {self.now().isoformat()}.\n"
+            f"Still running:\n{pending}\n"
+            f"A job that blocks its thread or loops without awaiting never lets time move. "
+            f"Raise the limit with fastsched_watchdog / --fastsched-watchdog if the work is "
+            f"only slow."
+        )
+
+    # -- introspection -------------------------------------------------------------------------
+
+    def timers(self) -> Iterator[dt.datetime]:
+        """The virtual instants of the loop timers pending now (APScheduler's included)."""
+        if self._loop_patch is None:
+            return iter(())
+        patch = self._loop_patch
+        scheduled = patch.loop._scheduled  # type: ignore[attr-defined]
+        whens = sorted(handle.when() for handle in scheduled if not handle.cancelled())
+        return (from_us(patch.us_of_loop_time(when)) for when in whens)
+
+
+def _duration(
+    delta: dt.timedelta | float | None,
+    *,
+    seconds: float,
+    minutes: float,
+    hours: float,
+    days: float,
+) -> int:
+    if delta is not None and (seconds or minutes or hours or days):
+        raise ClockError("give advance() either a timedelta or keyword amounts, not both")
+    if delta is None:
+        delta = dt.timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
+    elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
+        delta = dt.timedelta(seconds=delta)
+    if not isinstance(delta, dt.timedelta):
+        raise ClockError(f"advance() takes a timedelta or a number of seconds, not {delta!r}")
+    step = to_us(_EPOCH + delta)
+    if step <= 0:
+        raise ClockError(
+            f"advance() needs a positive duration, got {delta!r}: to run what is due now "
+            f"without moving time, await run_until_idle()"
+        )
+    return step

@@ -1,0 +1,551 @@
+"""The harness around the app's own APScheduler instance.
+
+APScheduler's code runs unmodified: its trigger math, misfire grace, coalescing,
+``max_instances`` and jitter decide what fires. The harness only
+
+- re-attaches the scheduler to the test's event loop (APScheduler remembers the first loop it
+  ran on) and starts it on virtual time;
+- listens to its events to keep a run log (``runs``) and to turn job exceptions, which
+  APScheduler only logs, into test failures raised at the virtual instant they happened;
+- restores the job stores after the test, so no next-run time leaks into the next test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import copy
+import dataclasses
+import datetime as dt
+import inspect
+import re
+import threading
+import warnings
+from collections.abc import Iterator
+from typing import Any, Literal
+
+import pytest
+
+from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
+
+Outcome = Literal["running", "success", "error", "missed", "skipped"]
+
+
+class FastschedWarning(pytest.PytestWarning):
+    """Something in the app's scheduler setup may not behave as it would in production."""
+
+
+class JobRunError(AssertionError):
+    """A job raised an exception (or could not run) while the clock was moving time."""
+
+
+@dataclasses.dataclass
+class JobRun:
+    """One run (or missed / skipped run) of a job, in virtual time."""
+
+    job_id: str
+    scheduled: dt.datetime
+    started: dt.datetime | None
+    finished: dt.datetime | None = None
+    outcome: Outcome = "running"
+    exception: BaseException | None = None
+    traceback: str | None = None
+    retval: Any = None
+    manual: bool = False
+
+    def describe(self) -> str:
+        """One aligned line of the run log."""
+        where = "manual" if self.manual else "scheduled"
+        line = f"{self.job_id}  {where} {self.scheduled.isoformat()}  {self.outcome}"
+        if self.finished is not None and self.started is not None:
+            line += f"  ({(self.finished - self.started).total_seconds():g}s)"
+        if self.exception is not None:
+            line += f"  {type(self.exception).__name__}: {self.exception}"
+        return line
+
+
+@dataclasses.dataclass
+class _Expectation:
+    exc_type: type[BaseException] | tuple[type[BaseException], ...]
+    match: re.Pattern[str] | None
+    job_id: str | None
+    seen: list[JobRun] = dataclasses.field(default_factory=list)
+
+    def accepts(self, run: JobRun) -> bool:
+        if self.job_id is not None and run.job_id != self.job_id:
+            return False
+        if not isinstance(run.exception, self.exc_type):
+            return False
+        return self.match is None or bool(self.match.search(str(run.exception)))
+
+
+def _copy_job(job: Any) -> Any:
+    """A copy of an APScheduler ``Job`` (it has ``__slots__`` and a strict ``__getstate__``)."""
+    from apscheduler.job import Job
+
+    clone = Job.__new__(Job)
+    for slot in Job.__slots__:
+        if slot != "__weakref__" and hasattr(job, slot):
+            object.__setattr__(clone, slot, getattr(job, slot))
+    object.__setattr__(clone, "trigger", copy.copy(job.trigger))
+    return clone
+
+
+class _JobStoreSnapshot:
+    """The scheduler's jobs as they were before the test, restored after it."""
+
+    def __init__(self, scheduler: Any) -> None:
+        self._pending = [
+            (_copy_job(job), alias, replace) for job, alias, replace in scheduler._pending_jobs
+        ]
+        self._stored = [
+            (alias, _copy_job(job))
+            for alias, store in scheduler._jobstores.items()
+            for job in store.get_all_jobs()
+        ]
+
+    def restore(self, scheduler: Any) -> None:
+        for store in scheduler._jobstores.values():
+            store.remove_all_jobs()
+        scheduler._pending_jobs = [
+            (_copy_job(job), alias, replace) for job, alias, replace in self._pending
+        ]
+        for alias, job in self._stored:
+            scheduler._jobstores[alias].add_job(_copy_job(job))
+
+
+class SchedulerHarness:
+    """The app's scheduler under virtual time (the ``fastsched_scheduler`` fixture).
+
+    ``scheduler`` is the app's own ``AsyncIOScheduler``; ``runs`` is the run log. Job
+    exceptions fail the test from the ``fastsched_clock`` call during which they happened,
+    unless the test expects them (``expect_job_error``) or the marker says
+    ``@pytest.mark.fastsched(job_errors="record")``.
+    """
+
+    def __init__(self, clock: VirtualClock, *, job_errors: str = "raise") -> None:
+        self.clock = clock
+        self.job_errors = job_errors
+        self.runs: list[JobRun] = []
+        self.scheduler: Any = None
+        self.autostart = True
+        self._lock = threading.Lock()
+        self._raised: set[int] = set()
+        self._expectations: list[_Expectation] = []
+        self._snapshot: _JobStoreSnapshot | None = None
+        self._thread_jobs = 0
+        clock.add_check(self._raise_job_errors)
+        clock.add_busy_source(lambda: self._thread_jobs)
+        clock.add_describer(self._describe_running)
+
+    # -- attaching --------------------------------------------------------------------------
+
+    def attach(self, scheduler: Any) -> None:
+        """Take ``scheduler`` (the app's ``AsyncIOScheduler``) under the harness.
+
+        Call it from a fixture or at the start of the test when the app builds its scheduler
+        in a function instead of at import (then leave ``fastsched_scheduler`` unset).
+        """
+        from apscheduler.events import EVENT_ALL
+        from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+        if self.scheduler is not None:
+            raise ClockError("fastsched_scheduler is already attached to a scheduler")
+        if not isinstance(scheduler, AsyncIOScheduler):
+            raise pytest.UsageError(
+                f"fastsched_scheduler needs an apscheduler AsyncIOScheduler, got "
+                f"{type(scheduler).__module__}.{type(scheduler).__qualname__}: jobs of a "
+                f"BackgroundScheduler or BlockingScheduler run on their own threads and real "
+                f"time. Create the app's scheduler as AsyncIOScheduler()."
+            )
+        self.scheduler = scheduler
+        self._snapshot = _JobStoreSnapshot(scheduler)
+        for job in self._all_jobs():
+            self._check_job(job)
+        self._reanchor_real_time_jobs()
+        scheduler.add_listener(self._on_event, EVENT_ALL)
+        self.clock.on_attach(self._on_loop)
+
+    def _all_jobs(self) -> list[Any]:
+        return list(self.scheduler.get_jobs())
+
+    def _on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        from apscheduler.schedulers.base import STATE_STOPPED
+
+        scheduler = self.scheduler
+        previous = scheduler._eventloop
+        if scheduler.state != STATE_STOPPED and (previous is None or previous.is_closed()):
+            # Left running by an earlier test whose loop is gone: reset it.
+            scheduler.state = STATE_STOPPED
+            scheduler._timeout = None
+        if scheduler.state == STATE_STOPPED:
+            scheduler._eventloop = loop
+            if self.autostart:
+                scheduler.start()
+
+    def _reanchor_real_time_jobs(self) -> None:
+        """Re-anchor jobs whose schedule was computed from the real clock before the test.
+
+        An ``interval`` job added at import time starts counting from the real ``now``; under
+        virtual time it would fire at odd offsets, so it starts counting from the virtual
+        start instead. Date jobs computed from the real clock are reported.
+        """
+        from apscheduler.triggers.date import DateTrigger
+        from apscheduler.triggers.interval import IntervalTrigger
+
+        real_now = self.clock.real_start
+        for job in self._all_jobs():
+            trigger = job.trigger
+            if isinstance(trigger, IntervalTrigger):
+                if _near(trigger.start_date, real_now, trigger.interval):
+                    job.trigger = copy.copy(trigger)
+                    job.trigger.start_date = self.clock.now() + trigger.interval
+                    if hasattr(job, "next_run_time"):
+                        job.modify(next_run_time=job.trigger.start_date)
+            elif isinstance(trigger, DateTrigger) and _near(
+                trigger.run_date, real_now, dt.timedelta(days=1)
+            ):
+                warnings.warn(
+                    FastschedWarning(
+                        f"job {job.id!r} runs at {trigger.run_date.isoformat()}, a date computed "
+                        f"from the real clock before the virtual clock started at "
+                        f"{self.clock.now().isoformat()}; add the job inside the test (or set "
+                        f"@pytest.mark.fastsched(start=...)) so that it fires in virtual time"
+                    ),
+                    stacklevel=2,
+                )
+
+    def _check_job(self, job: Any) -> None:
+        from apscheduler.executors.asyncio import AsyncIOExecutor
+        from apscheduler.util import iscoroutinefunction_partial
+
+        if not iscoroutinefunction_partial(job.func):
+            return
+        executor = self.scheduler._executors.get(job.executor)
+        if executor is not None and not isinstance(executor, AsyncIOExecutor):
+            self._record_invalid(job.id, _async_on_thread_pool(job.id, job.executor))
+
+    # -- events ------------------------------------------------------------------------------
+
+    def _on_event(self, event: Any) -> None:
+        from apscheduler import events as ev
+
+        with self._lock:
+            code = event.code
+            if code == ev.EVENT_JOB_SUBMITTED:
+                self._on_submitted(event)
+            elif code in (ev.EVENT_JOB_EXECUTED, ev.EVENT_JOB_ERROR, ev.EVENT_JOB_MISSED):
+                self._on_finished(event)
+            elif code == ev.EVENT_JOB_MAX_INSTANCES:
+                for scheduled in event.scheduled_run_times:
+                    self.runs.append(
+                        JobRun(event.job_id, _utc(scheduled), None, self.clock.now(), "skipped")
+                    )
+            elif code in (ev.EVENT_JOB_ADDED, ev.EVENT_JOB_MODIFIED):
+                job = self.scheduler.get_job(event.job_id)
+                if job is not None:
+                    self._check_job(job)
+        self.clock.poke()
+
+    def _on_submitted(self, event: Any) -> None:
+        now = self.clock.now()
+        threaded = self._runs_on_thread_pool(event.job_id)
+        for scheduled in event.scheduled_run_times:
+            self.runs.append(JobRun(event.job_id, _utc(scheduled), now))
+            self._thread_jobs += threaded
+
+    def _runs_on_thread_pool(self, job_id: str) -> int:
+        from apscheduler.executors.asyncio import AsyncIOExecutor
+
+        job = self.scheduler.get_job(job_id)
+        if job is None:
+            return 0
+        return int(not isinstance(self.scheduler._executors.get(job.executor), AsyncIOExecutor))
+
+    def _on_finished(self, event: Any) -> None:
+        from apscheduler import events as ev
+
+        scheduled = _utc(event.scheduled_run_time)
+        run = self._open_run(event.job_id, scheduled)
+        if run is None:
+            run = JobRun(event.job_id, scheduled, None)
+            self.runs.append(run)
+        elif run.started is not None and self._thread_jobs and not run.manual:
+            self._thread_jobs -= self._runs_on_thread_pool(event.job_id)
+        run.finished = self.clock.now()
+        if event.code == ev.EVENT_JOB_MISSED:
+            run.outcome, run.started = "missed", None
+        elif event.code == ev.EVENT_JOB_ERROR:
+            run.outcome, run.exception, run.traceback = "error", event.exception, event.traceback
+        elif inspect.iscoroutine(event.retval):
+            event.retval.close()
+            run.outcome = "error"
+            run.exception = JobRunError(_async_on_thread_pool(event.job_id, None))
+        else:
+            run.outcome, run.retval = "success", event.retval
+
+    def _open_run(self, job_id: str, scheduled: dt.datetime) -> JobRun | None:
+        for run in self.runs:
+            if run.job_id == job_id and run.outcome == "running" and run.scheduled == scheduled:
+                return run
+        return None
+
+    def _record_invalid(self, job_id: str, message: str) -> None:
+        now = self.clock.now()
+        self.runs.append(JobRun(job_id, now, None, now, "error", exception=JobRunError(message)))
+
+    # -- job errors --------------------------------------------------------------------------
+
+    def _raise_job_errors(self) -> None:
+        __tracebackhide__ = True
+        for run in self.runs:
+            if run.outcome != "error" or id(run) in self._raised:
+                continue
+            self._raised.add(id(run))
+            if self._expected(run) or self.job_errors == "record":
+                continue
+            raise JobRunError(
+                f"job {run.job_id!r} (scheduled {run.scheduled.isoformat()}) raised "
+                f"{type(run.exception).__name__}: {run.exception}\n"
+                f"at virtual {(run.finished or self.clock.now()).isoformat()}\n"
+                f"{run.traceback or ''}"
+                f"If the test expects it, wrap the clock call in "
+                f"`with fastsched_scheduler.expect_job_error({type(run.exception).__name__}):` "
+                f'or mark the test @pytest.mark.fastsched(job_errors="record").'
+            ) from run.exception
+
+    def _expected(self, run: JobRun) -> bool:
+        for expectation in self._expectations:
+            if expectation.accepts(run):
+                expectation.seen.append(run)
+                return True
+        return False
+
+    @contextlib.contextmanager
+    def expect_job_error(
+        self,
+        exc_type: type[BaseException] | tuple[type[BaseException], ...] = Exception,
+        *,
+        match: str | None = None,
+        job_id: str | None = None,
+    ) -> Iterator[list[JobRun]]:
+        """Inside the block, matching job exceptions are expected: recorded, not raised.
+
+        The block fails if no job raised a matching exception. It yields the list of the
+        matching runs, filled in as they happen.
+        """
+        __tracebackhide__ = True
+        expectation = _Expectation(exc_type, None if match is None else re.compile(match), job_id)
+        self._expectations.append(expectation)
+        try:
+            yield expectation.seen
+        finally:
+            self._expectations.remove(expectation)
+        if not expectation.seen:
+            name = getattr(exc_type, "__name__", repr(exc_type))
+            raise AssertionError(
+                f"expected a job to raise {name}"
+                + (f" matching {match!r}" if match else "")
+                + (f" in job {job_id!r}" if job_id else "")
+                + " but none did.\nRun log:\n"
+                + self.format_runs()
+            )
+
+    # -- the public API -----------------------------------------------------------------------
+
+    def job(self, job_id: str) -> Any:
+        """The APScheduler ``Job`` called ``job_id``; an unknown id lists the known ones."""
+        __tracebackhide__ = True
+        self._require_scheduler()
+        job = self.scheduler.get_job(job_id)
+        if job is None:
+            known = ", ".join(repr(job.id) for job in self._all_jobs()) or "none"
+            raise LookupError(f"no job with id {job_id!r}; the scheduler has: {known}")
+        return job
+
+    def runs_of(self, job_id: str) -> list[JobRun]:
+        """The runs of one job (missed and skipped ones included), in order."""
+        return [run for run in self.runs if run.job_id == job_id]
+
+    def run_times(self, job_id: str) -> list[dt.datetime]:
+        """The scheduled times of the runs of ``job_id`` that actually started."""
+        return [run.scheduled for run in self.runs_of(job_id) if run.started is not None]
+
+    def missed(self, job_id: str) -> list[JobRun]:
+        """Runs that APScheduler reported as missed (beyond their misfire grace time)."""
+        return [run for run in self.runs_of(job_id) if run.outcome == "missed"]
+
+    def skipped(self, job_id: str) -> list[JobRun]:
+        """Runs skipped because ``max_instances`` runs were already running."""
+        return [run for run in self.runs_of(job_id) if run.outcome == "skipped"]
+
+    def next_run_times(self, job_id: str, count: int = 1) -> list[dt.datetime]:
+        """The next ``count`` fire times of ``job_id`` after now, from its own trigger."""
+        job = self.job(job_id)
+        fire_time = getattr(job, "next_run_time", None)
+        if fire_time is None:
+            fire_time = job.trigger.get_next_fire_time(None, self._aware_now())
+        times: list[dt.datetime] = []
+        while fire_time is not None and len(times) < count:
+            times.append(fire_time)
+            fire_time = job.trigger.get_next_fire_time(fire_time, fire_time)
+        return times
+
+    async def run_job(self, job_id: str) -> JobRun:
+        """Fire ``job_id`` now, outside its schedule (as a manual trigger would), and wait.
+
+        The job runs through its own executor, so ``max_instances`` applies; its schedule is
+        left as it was. Returns the run.
+        """
+        __tracebackhide__ = True
+        from apscheduler.executors.base import MaxInstancesReachedError
+
+        self.clock.attach()
+        job = self.job(job_id)
+        now = self._aware_now()
+        run = JobRun(job_id, _utc(now), _utc(now), manual=True)
+        with self._lock:
+            self.runs.append(run)
+        try:
+            self.scheduler._lookup_executor(job.executor).submit_job(job, [now])
+        except MaxInstancesReachedError:
+            self.runs.remove(run)
+            raise JobRunError(
+                f"run_job({job_id!r}): {job.max_instances} instance(s) of the job are already "
+                f"running (max_instances={job.max_instances})"
+            ) from None
+        await self.clock.run_until_idle()
+        return run
+
+    def assert_ran(
+        self,
+        job_id: str,
+        times: int | None = None,
+        *,
+        at: list[dt.datetime] | None = None,
+    ) -> None:
+        """Assert that ``job_id`` started ``times`` times (any number > 0 if omitted).
+
+        ``at`` checks the exact scheduled times. The failure lists the job's whole run log.
+        """
+        __tracebackhide__ = True
+        self.job_if_known(job_id)
+        started = self.run_times(job_id)
+        problem = None
+        if times is None and at is None and not started:
+            problem = "expected at least one run, got none"
+        elif times is not None and len(started) != times:
+            problem = f"expected {times} run(s), got {len(started)}"
+        elif at is not None and started != [instant.astimezone(dt.timezone.utc) for instant in at]:
+            problem = "expected runs at:\n" + "\n".join(f"  {t.isoformat()}" for t in at)
+        if problem is not None:
+            raise AssertionError(
+                f"job {job_id!r}: {problem}\nRun log of {job_id!r} "
+                f"(virtual now {self.clock.now().isoformat()}):\n{self.format_runs(job_id)}"
+            )
+
+    def job_if_known(self, job_id: str) -> None:
+        """Raise ``LookupError`` unless ``job_id`` is a job or appears in the run log."""
+        __tracebackhide__ = True
+        if any(run.job_id == job_id for run in self.runs):
+            return
+        self.job(job_id)
+
+    def format_runs(self, job_id: str | None = None) -> str:
+        """The run log (of one job, or all), one aligned line per run."""
+        runs = self.runs if job_id is None else self.runs_of(job_id)
+        return "\n".join(f"  {run.describe()}" for run in runs) or "  (no runs)"
+
+    # -- internals ---------------------------------------------------------------------------
+
+    def _aware_now(self) -> dt.datetime:
+        return from_us(to_us(self.clock.now())).astimezone(self.scheduler.timezone)
+
+    def _require_scheduler(self) -> None:
+        if self.scheduler is None:
+            raise pytest.UsageError(
+                "fastsched_scheduler has no scheduler: set the ini option "
+                "fastsched_scheduler = 'module:attr' (or --fastsched-scheduler), or call "
+                "fastsched_scheduler.attach(scheduler) first"
+            )
+
+    def _describe_running(self) -> list[str]:
+        lines = []
+        for run in self.runs:
+            if run.outcome == "running":
+                lines.append(f"job {run.job_id!r} (scheduled {run.scheduled.isoformat()})")
+        for task in self._job_tasks():
+            lines.append(f"  task {task.get_name()} awaits {_awaited(task)}")
+        return lines
+
+    def _job_tasks(self) -> list[asyncio.Task[Any]]:
+        if self.scheduler is None:
+            return []
+        tasks = []
+        for executor in self.scheduler._executors.values():
+            for future in getattr(executor, "_pending_futures", ()):
+                if isinstance(future, asyncio.Task) and not future.done():
+                    tasks.append(future)
+        return tasks
+
+    def close(self) -> None:
+        """Shut the scheduler down, cancel its job tasks and restore its jobs."""
+        scheduler = self.scheduler
+        if scheduler is None:
+            return
+        from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
+
+        tasks = self._job_tasks()
+        loop = scheduler._eventloop
+        if scheduler.state != STATE_STOPPED:
+            # AsyncIOScheduler.shutdown() defers to the loop; do its work synchronously.
+            BaseScheduler.shutdown(scheduler, wait=False)
+            scheduler._stop_timer()
+        scheduler._eventloop = None
+        _finish_tasks(loop, tasks)
+        scheduler.remove_listener(self._on_event)
+        if self._snapshot is not None:
+            self._snapshot.restore(scheduler)
+
+
+def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Task[Any]]) -> None:
+    for task in tasks:
+        task.cancel()
+    if tasks and loop is not None and not loop.is_closed() and not loop.is_running():
+        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+def _utc(instant: dt.datetime) -> dt.datetime:
+    # Aware datetimes in one ZoneInfo compare and subtract by wall time, which is wrong at
+    # the DST fall-back hour: the run log keeps every instant in UTC.
+    return instant.astimezone(dt.timezone.utc)
+
+
+def _near(instant: dt.datetime | None, reference: dt.datetime, slack: dt.timedelta) -> bool:
+    if instant is None:
+        return False
+    margin = slack + dt.timedelta(minutes=1)
+    return reference - dt.timedelta(days=1) <= instant <= reference + margin
+
+
+def _async_on_thread_pool(job_id: str, executor: str | None) -> str:
+    where = f"executor {executor!r}" if executor else "a thread-pool executor"
+    return (
+        f"job {job_id!r} is an async def function on {where}: APScheduler would call it "
+        f"in a thread, get a coroutine back and report success without running it. Run it "
+        f"on the AsyncIOScheduler's default executor (remove executor=...)."
+    )
+
+
+def _awaited(task: asyncio.Task[Any]) -> str:
+    coro: Any = task.get_coro()
+    location = ""
+    while coro is not None:
+        frame = getattr(coro, "cr_frame", None)
+        if frame is not None:
+            location = f"{frame.f_code.co_name} ({frame.f_code.co_filename}:{frame.f_lineno})"
+        awaited = getattr(coro, "cr_await", None)
+        if awaited is None or not inspect.iscoroutine(awaited):
+            return f"{awaited!r} in {location}" if awaited is not None else location
+        coro = awaited
+    return location
