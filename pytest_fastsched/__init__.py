@@ -8,10 +8,18 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
-__all__ = ["JobRun", "JobRunError", "SchedulerHarness", "VirtualClock"]
+__all__ = [
+    "Database",
+    "DatabaseGuardError",
+    "JobRun",
+    "JobRunError",
+    "SchedulerHarness",
+    "VirtualClock",
+]
 
 if TYPE_CHECKING:
     from pytest_fastsched._clock import VirtualClock
+    from pytest_fastsched._db import Database, DatabaseGuardError
     from pytest_fastsched._scheduler import JobRun, JobRunError, SchedulerHarness
 
 
@@ -25,4 +33,8 @@ def __getattr__(name: str) -> object:
         from pytest_fastsched import _scheduler
 
         return getattr(_scheduler, name)
+    if name in ("Database", "DatabaseGuardError"):
+        from pytest_fastsched import _db
+
+        return getattr(_db, name)
     raise AttributeError(f"module 'pytest_fastsched' has no attribute {name!r}")

@@ -6,7 +6,8 @@ patched on the loop instance only: ``time.monotonic`` is never patched globally,
 hangs asyncio and every ``threading`` timeout.
 
 Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
-:meth:`VirtualClock.jump` and :meth:`VirtualClock.run_until_idle`. Each of them repeats: let
+:meth:`VirtualClock.jump`, :meth:`VirtualClock.run_until_idle` and, while a request of the
+``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`. Each of them repeats: let
 everything runnable at this instant run, wait (in real time) for work the clock can see in
 flight, then step to the next loop timer (APScheduler's wake-ups are loop timers) and go on.
 """
@@ -98,6 +99,7 @@ class FreezegunWallClock:
         self._factory = self._freezer.start()
         self._restore_monotonic()
         self._keep_fold()
+        _teach_pydantic_fake_dates()
 
     def _keep_fold(self) -> None:
         # freezegun rebuilds every datetime result without its ``fold``, so the second
@@ -139,6 +141,25 @@ class FreezegunWallClock:
 
         api.datetime_to_fakedatetime = self._dropping_fold
         self._freezer.stop()
+
+
+def _teach_pydantic_fake_dates() -> None:
+    """Let pydantic build schemas for annotations that freezegun turned into its fake classes.
+
+    freezegun replaces ``datetime`` in every module that imported it, so FastAPI, resolving a
+    route's ``run_at: datetime`` annotation during the test, gets ``FakeDatetime`` and
+    pydantic refuses it. They validate as the real types.
+    """
+    from freezegun import api
+
+    def datetime_schema(cls: type, source: Any, handler: Any) -> Any:
+        return handler.generate_schema(api.real_datetime)
+
+    def date_schema(cls: type, source: Any, handler: Any) -> Any:
+        return handler.generate_schema(api.real_date)
+
+    api.FakeDatetime.__get_pydantic_core_schema__ = classmethod(datetime_schema)  # type: ignore[attr-defined]
+    api.FakeDate.__get_pydantic_core_schema__ = classmethod(date_schema)  # type: ignore[attr-defined]
 
 
 class TimeMachineWallClock:
@@ -358,6 +379,7 @@ class VirtualClock:
         self._loop_patch: _LoopPatch | None = None
         self._io_counter: _IoCounter | None = None
         self._driving = False
+        self._drive_ended: list[asyncio.Future[None]] = []
         self._started = False
         self._checks: list[Callable[[], None]] = []
         self._busy_sources: list[Callable[[], int]] = []
@@ -527,7 +549,42 @@ class VirtualClock:
             )
         return target
 
+    async def drive_until(self, awaitable: Awaitable[_T]) -> _T:
+        """Await ``awaitable`` (a client request), moving time as far as it needs.
+
+        Its timers fire, and so does everything else that falls due meanwhile (jobs
+        included), as on a real server. While another clock call moves time, that call
+        runs the work too; this one takes over if the work is still pending when it returns.
+        The watchdog limits the real time of the whole wait, so work that can never finish
+        fails instead of moving time forever.
+        """
+        __tracebackhide__ = True
+        future = asyncio.ensure_future(awaitable)
+        try:
+            while not future.done():
+                if self._driving:
+                    await self._until_drive_ends(future)
+                else:
+                    await self._moving_time(lambda watchdog: self._drive_until(future, watchdog))
+            return future.result()
+        finally:
+            future.cancel()
+
+    async def _until_drive_ends(self, future: asyncio.Future[Any]) -> None:
+        ended: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._drive_ended.append(ended)
+        try:
+            await asyncio.wait([future, ended], return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            self._drive_ended.remove(ended)
+
     async def _drive(self, target_us: int, *, visit_deadlines: bool) -> None:
+        __tracebackhide__ = True
+        await self._moving_time(
+            lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog)
+        )
+
+    async def _moving_time(self, drive: Callable[[_Watchdog], Awaitable[None]]) -> None:
         __tracebackhide__ = True
         if not self._started:
             raise ClockError("the clock is closed: use fastsched_clock only inside its test")
@@ -542,10 +599,13 @@ class VirtualClock:
         watchdog = _Watchdog(loop, self.watchdog_seconds)
         self._driving = True
         try:
-            await self._drive_to(target_us, visit_deadlines, watchdog)
+            await drive(watchdog)
         finally:
             self._driving = False
             watchdog.stop()
+            for ended in self._drive_ended:
+                if not ended.done():
+                    ended.set_result(None)
 
     async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: _Watchdog) -> None:
         __tracebackhide__ = True
@@ -564,6 +624,21 @@ class VirtualClock:
             self._set_now(target_us)
             await self._settle(watchdog)
             self._run_checks()
+
+    async def _drive_until(self, future: asyncio.Future[Any], watchdog: _Watchdog) -> None:
+        __tracebackhide__ = True
+        assert self._loop_patch is not None
+        while True:
+            await self._settle(watchdog)
+            self._run_checks()
+            if future.done():
+                return
+            deadline = self._next_deadline()
+            if deadline is None:
+                # Nothing virtual left to wait for: wait in real time (a watchdog tick).
+                await self._wait_for_busy_work(self._loop_patch.loop, watchdog)
+            else:
+                self._set_now(*deadline)
 
     def _set_now(self, now_us: int, timer_when: float | None = None) -> None:
         if now_us > self.now_us:

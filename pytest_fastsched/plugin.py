@@ -7,8 +7,9 @@ plugin starts as fast as before.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -52,6 +53,30 @@ def _redact(database: str) -> str:
     credentials, _, host = rest.rpartition("@")
     user = credentials.split(":", 1)[0]
     return f"{scheme}://{user}:***@{host}"
+
+
+@pytest.hookimpl(specname="pytest_collection_finish")
+def pytest_collection_finish_app_modules(session: pytest.Session) -> None:
+    # Import the app's modules before any test starts the virtual clock: some imports fail
+    # under freezegun's fake datetime classes (FastAPI imports pydantic.v1 when it builds its
+    # first route; asyncpg's C extension checks the size of datetime.date). Errors are left
+    # to the fixtures, which report them against the test that needs the path.
+    if not any(
+        name.startswith("fastsched_")
+        for item in session.items
+        for name in getattr(item, "fixturenames", ())
+    ):
+        return
+    settings = session.config.stash[SETTINGS_KEY]
+    for option, path in (
+        ("fastsched_scheduler", settings.scheduler),
+        ("fastsched_sessionmaker", settings.sessionmaker),
+        ("fastsched_metadata", settings.metadata),
+        ("fastsched_app", settings.app),
+    ):
+        if path is not None:
+            with contextlib.suppress(pytest.UsageError):
+                _options.resolve(path, option)
 
 
 def settings_of(request: pytest.FixtureRequest) -> _options.Settings:
@@ -135,7 +160,6 @@ import pytest_asyncio  # noqa: E402
 
 if TYPE_CHECKING:
     from collections.abc import AsyncIterator, Generator
-    from typing import Any
 
     from pytest_fastsched._db import Controller, Database, Databases
 
@@ -251,3 +275,63 @@ def pytest_runtest_makereport_databases(
     if hint is not None:
         addsection("pytest-fastsched hint", hint)
     return report
+
+
+# --- the app client -------------------------------------------------------------------------
+# fastsched_client: the app's lifespan and requests on the test's loop, in virtual time. The
+# logic lives in _client.py, which imports httpx: it is imported only where the client is used.
+
+if TYPE_CHECKING:
+    import httpx
+
+
+@pytest.fixture
+def fastsched_app(request: pytest.FixtureRequest) -> Any:
+    """The ASGI app that ``fastsched_client`` serves: the ``fastsched_app`` setting.
+
+    Override it when the app is built by a factory::
+
+        @pytest.fixture
+        def fastsched_app():
+            return create_app()
+    """
+    from pytest_fastsched import _client
+
+    return _client.resolve_app(settings_of(request).app)
+
+
+@pytest.fixture
+def _fastsched_client_after_db(request: pytest.FixtureRequest) -> None:
+    """Set ``fastsched_db`` up before the app starts, when the test uses both."""
+    if "fastsched_db" in request.fixturenames:
+        request.getfixturevalue("fastsched_db")
+
+
+@pytest_asyncio.fixture
+async def fastsched_client(
+    request: pytest.FixtureRequest,
+    fastsched_clock: VirtualClock,
+    fastsched_scheduler: SchedulerHarness,
+    fastsched_app: Any,
+    _fastsched_client_after_db: None,
+) -> AsyncIterator[httpx.AsyncClient]:
+    """An ``httpx.AsyncClient`` on the app of ``fastsched_app``, with its lifespan running.
+
+    Requests and the app's jobs run on the test's loop, on the test database when the test
+    also uses ``fastsched_db`` (set up before the app starts). While the test awaits a
+    response, virtual time moves as far as the request needs and the jobs that fall due
+    meanwhile fire, as on a real server. The app's lifespan starts and shuts down its own
+    scheduler (the harness starts it only if the startup does not); closing the client, or
+    the end of the test, is the app's shutdown, after which no job runs.
+
+    An async fixture: it runs on the loop of ``asyncio_default_fixture_loop_scope``, which
+    must be the loop of the test (the same loop scope).
+    """
+    from pytest_fastsched import _client
+
+    path = settings_of(request).app
+    name = repr(path) if path else repr(fastsched_app)
+    async with _client.open_client(
+        fastsched_app, fastsched_clock, fastsched_scheduler, name=name
+    ) as client:
+        yield client

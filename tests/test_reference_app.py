@@ -11,8 +11,9 @@ import pytest
 APP = Path(__file__).resolve().parent.parent / "examples" / "reference_app"
 
 
+@pytest.mark.parametrize("backend", ["freezegun", "time-machine"])
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_reference_app_suite_passes(database: str) -> None:
+def test_reference_app_suite_passes(database: str, backend: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -24,6 +25,7 @@ def test_reference_app_suite_passes(database: str) -> None:
             "-p",
             "no:cacheprovider",
             f"--fastsched-database={database}",
+            f"--fastsched-clock-backend={backend}",
         ],
         cwd=APP,
         capture_output=True,

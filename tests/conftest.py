@@ -1,0 +1,188 @@
+"""Fixtures shared by the plugin's own tests."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import shutil
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+# In-process pytester runs restore sys.modules afterwards: a C extension first imported by a
+# user suite would be imported again by the next one, which crashes asyncpg. Imported here,
+# the database stack outlives every inner run.
+import aiosqlite  # noqa: F401
+import asyncpg
+import pytest
+import sqlalchemy.dialects.postgresql.asyncpg
+import sqlalchemy.dialects.sqlite.aiosqlite  # noqa: F401
+
+import pytest_fastsched._db  # noqa: F401
+from pytest_fastsched._postgres import EphemeralPostgres
+
+# A user's app in the pattern the plugin serves: each step of a job is its own short session
+# that commits; `observe` lets a test look at the database between the steps.
+DB_APP = """
+from contextlib import asynccontextmanager
+
+from sqlalchemy import DDL, MetaData, String, event, select, text, update
+from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+
+
+class Base(DeclarativeBase):
+    pass
+
+
+class Item(Base):
+    __tablename__ = "items"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(String(20), default="pending")
+    last_error: Mapped[str | None] = mapped_column(String(200))
+
+
+# The production engine: the tests must never reach it.
+engine = create_async_engine("sqlite+aiosqlite:///production.db")
+async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
+expiring_session_factory = async_sessionmaker(engine)  # expire_on_commit=True
+sync_session_factory = sessionmaker()
+broken_metadata = MetaData()
+event.listen(broken_metadata, "after_create", DDL("THIS IS NOT SQL"))
+
+
+@asynccontextmanager
+async def get_background_session(factory=async_session_factory):
+    async with factory() as session:
+        try:
+            yield session
+            await session.commit()
+        except Exception:
+            await session.rollback()
+            raise
+
+
+async def nothing(item_id, step):
+    pass
+
+
+async def process_pending(fail=(), observe=nothing):
+    async with get_background_session() as session:
+        query = select(Item.id).where(Item.status == "pending").order_by(Item.id)
+        ids = list((await session.scalars(query)).all())
+    for item_id in ids:
+        async with get_background_session() as session:
+            await session.execute(
+                update(Item).where(Item.id == item_id).values(status="processing")
+            )
+        await observe(item_id, "processing")
+        try:
+            async with get_background_session() as session:
+                item = await session.get(Item, item_id)
+                item.status = "completed"
+                await session.flush()
+                if item_id in fail:
+                    raise RuntimeError(f"boom {item_id}")
+            await observe(item_id, "completed")
+        except RuntimeError as error:
+            await observe(item_id, "failed")
+            async with get_background_session() as session:
+                await session.execute(
+                    text("UPDATE items SET status = 'error', last_error = :error WHERE id = :id"),
+                    {"error": str(error), "id": item_id},
+                )
+            await observe(item_id, "error")
+    return ids
+"""
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[EphemeralPostgres]:
+    """One PostgreSQL server for the database tests of this test process."""
+    with EphemeralPostgres.start() as server:
+        yield server
+
+
+@pytest.fixture
+def user_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
+    """The temporary directory of the user suites the test runs, in process or not.
+
+    Outside pytest's own temporary directories, which the ``postgres`` user that runs an
+    ephemeral server cannot enter.
+    """
+    directory = Path(tempfile.mkdtemp(prefix="fastsched-tests-"))
+    directory.chmod(0o755)
+    monkeypatch.setattr(tempfile, "tempdir", str(directory))
+    monkeypatch.setenv("TMPDIR", str(directory))
+    yield directory
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database(request: pytest.FixtureRequest) -> Iterator[str]:
+    """The ``fastsched_database`` of a user suite: SQLite, or the shared server by URL.
+
+    After the test, neither the suite's temporary directory nor the server may hold anything
+    the plugin made.
+    """
+    server = request.getfixturevalue("postgres_server") if request.param != "sqlite" else None
+    scratch = request.getfixturevalue("user_tmpdir")
+    yield "sqlite" if server is None else server.url()
+    assert list(scratch.iterdir()) == []
+    if server is not None:
+        assert scratch_databases(server) == []
+
+
+def scratch_databases(server: EphemeralPostgres) -> list[str]:
+    """The databases the plugin made on ``server`` and did not drop."""
+
+    async def names() -> list[str]:
+        connection = await asyncpg.connect(server.dsn())
+        try:
+            rows = await connection.fetch(
+                "SELECT datname FROM pg_database WHERE datname LIKE 'fastsched%'"
+            )
+        finally:
+            await connection.close()
+        return sorted(row["datname"] for row in rows)
+
+    # In a thread, so that this thread's event loop stays as pytest-asyncio set it.
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, names()).result()
+
+
+@pytest.fixture
+def make_db_suite(pytester: pytest.Pytester) -> Iterator[Callable[[str], pytest.Pytester]]:
+    """Make a user project on a database: ``app.py`` (:data:`DB_APP`) and an ini for it."""
+    # pytest-asyncio 1.0 looks up the thread's event loop, making one (never closed) when
+    # there is none: give the in-process runs one, closed here.
+    loop = asyncio.new_event_loop()
+    asyncio.set_event_loop(loop)
+    try:
+        yield functools.partial(_write_db_suite, pytester)
+    finally:
+        asyncio.set_event_loop(None)
+        loop.close()
+
+
+def _write_db_suite(pytester: pytest.Pytester, database: str) -> pytest.Pytester:
+    pytester.makepyfile(app=DB_APP)
+    pytester.makeini(
+        f"""
+        [pytest]
+        asyncio_mode = strict
+        asyncio_default_fixture_loop_scope = function
+        filterwarnings = error
+        fastsched_database = {database}
+        fastsched_sessionmaker = app:async_session_factory
+        fastsched_metadata = app:Base.metadata
+        """
+    )
+    return pytester
+
+
+@pytest.fixture
+def db_suite(make_db_suite: Callable[[str], pytest.Pytester], database: str) -> pytest.Pytester:
+    """A user project (see ``make_db_suite``) on the ``database`` of the test."""
+    return make_db_suite(database)

@@ -1,0 +1,321 @@
+"""``fastsched_db``: every commit of a job is visible during the test and gone after it.
+
+Each test runs a small user suite (``db_suite``, see conftest) on SQLite and on PostgreSQL.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+from sqlalchemy import Column, Integer, MetaData, Table, insert, select
+from sqlalchemy.ext.asyncio import create_async_engine
+
+from pytest_fastsched import _db
+
+NO_RANDOM_ORDER = ("-p", "no:randomly")
+
+# What the test sees between the steps of `process_pending` (conftest.DB_APP): every commit,
+# the failing block of item 2 undone while its earlier "processing" stays, then the error.
+JOB_STEPS = """
+import asyncio
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import create_async_engine
+
+import app
+
+URLS = []
+
+
+async def run_job_and_observe(fastsched_db):
+    await fastsched_db.insert("items", [{"id": 1}, {"id": 2}])
+    seen = []
+
+    async def observe(item_id, step):
+        seen.append((item_id, step, await fastsched_db.status_of("items", item_id)))
+
+    assert await app.process_pending(fail={2}, observe=observe) == [1, 2]
+    assert seen == [
+        (1, "processing", "processing"),
+        (1, "completed", "completed"),
+        (2, "processing", "processing"),
+        (2, "failed", "processing"),
+        (2, "error", "error"),
+    ]
+    assert await fastsched_db.fetch("items", status="error") == [
+        {"id": 2, "status": "error", "last_error": "boom 2"}
+    ]
+    URLS.append(fastsched_db.url)
+
+
+@pytest.mark.asyncio
+async def test_rollback_sees_each_commit(fastsched_db):
+    assert fastsched_db.isolation == "rollback"
+    await run_job_and_observe(fastsched_db)
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="commit")
+async def test_commit_sees_each_commit(fastsched_db):
+    assert fastsched_db.isolation == "commit"
+    await run_job_and_observe(fastsched_db)
+    # Really committed: another connection sees the rows.
+    async with fastsched_db.engine.connect() as other:
+        assert (await other.execute(text("SELECT count(*) FROM items"))).scalar() == 2
+
+
+def test_tables_are_back_to_their_start_state_for_a_fresh_connection():
+    assert len(set(URLS)) == 1
+
+    async def count():
+        engine = create_async_engine(URLS[0])
+        try:
+            async with engine.connect() as connection:
+                return (await connection.execute(text("SELECT count(*) FROM items"))).scalar()
+        finally:
+            await engine.dispose()
+
+    # In a thread: asyncio.run() here would unset the event loop of this thread, which
+    # pytest-asyncio 1.0 looks up for the next test on a session loop.
+    with ThreadPoolExecutor(1) as thread:
+        assert thread.submit(asyncio.run, count()).result() == 0
+
+
+@pytest.mark.asyncio
+async def test_the_next_test_starts_empty(fastsched_db):
+    assert await fastsched_db.fetch("items") == []
+"""
+
+# pytest-asyncio 1.0 finds a session loop through the thread's current event loop, which an
+# in-process run shares with the outer test run: session loops get a process of their own.
+LOOP_SETTINGS = {
+    "strict mode, function loops": ("runpytest_inprocess",),
+    "auto mode": ("runpytest_inprocess", "-o", "asyncio_mode=auto"),
+    "session loops": (
+        "runpytest_subprocess",
+        "-o",
+        "asyncio_default_fixture_loop_scope=session",
+        "-o",
+        "asyncio_default_test_loop_scope=session",
+    ),
+}
+
+
+@pytest.mark.parametrize("loops", LOOP_SETTINGS.values(), ids=LOOP_SETTINGS.keys())
+def test_each_commit_is_seen_during_the_test_and_gone_after_it(
+    db_suite: pytest.Pytester, loops: tuple[str, ...]
+) -> None:
+    db_suite.makepyfile(test_job=JOB_STEPS)
+    run, *options = loops
+    getattr(db_suite, run)(*NO_RANDOM_ORDER, *options).assert_outcomes(passed=4)
+
+
+SESSION_SETTINGS = """
+import pytest
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
+
+import app
+
+ORIGINAL = dict(app.async_session_factory.kw)
+
+
+@pytest.mark.asyncio
+async def test_rollback_binds_the_test_connection_and_keeps_the_rest(fastsched_db):
+    kw = app.async_session_factory.kw
+    assert isinstance(kw["bind"], AsyncConnection)
+    assert kw["join_transaction_mode"] == "create_savepoint"
+    assert kw["expire_on_commit"] is False
+    assert app.async_session_factory.class_ is AsyncSession
+    joined = {**ORIGINAL, "join_transaction_mode": "create_savepoint"}
+    assert {**kw, "bind": ORIGINAL["bind"]} == joined
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="commit")
+async def test_commit_binds_the_test_engine_and_keeps_the_rest(fastsched_db):
+    kw = app.async_session_factory.kw
+    assert kw["bind"] is fastsched_db.engine
+    assert isinstance(kw["bind"], AsyncEngine)
+    assert {**kw, "bind": ORIGINAL["bind"]} == ORIGINAL
+
+
+def test_the_app_settings_are_restored_after_the_test():
+    assert app.async_session_factory.kw == ORIGINAL
+    assert app.async_session_factory.kw["bind"] is app.engine
+"""
+
+
+def test_the_apps_session_settings_are_kept_and_restored(db_suite: pytest.Pytester) -> None:
+    db_suite.makepyfile(test_settings=SESSION_SETTINGS)
+    db_suite.runpytest_inprocess(*NO_RANDOM_ORDER).assert_outcomes(passed=3)
+
+
+HELPERS = """
+import pytest
+
+import app
+
+
+@pytest.mark.asyncio
+async def test_helpers(fastsched_db):
+    assert fastsched_db.dialect == DIALECT
+    assert fastsched_db.url.startswith(URL_START)
+    await fastsched_db.insert("items", {"id": 7, "status": "pending"})
+    await fastsched_db.insert(app.Item.__table__, [{"id": 8, "status": "done"}])
+    assert await fastsched_db.fetch("items") == [
+        {"id": 7, "status": "pending", "last_error": None},
+        {"id": 8, "status": "done", "last_error": None},
+    ]
+    assert await fastsched_db.value_of("items", 8, "status") == "done"
+    async with fastsched_db.background_session() as session:
+        (await session.get(app.Item, 7)).status = "processing"
+    assert await fastsched_db.status_of("items", 7) == "processing"
+    with pytest.raises(RuntimeError):
+        async with fastsched_db.background_session() as session:
+            (await session.get(app.Item, 7)).status = "lost"
+            await session.flush()
+            raise RuntimeError
+    assert await fastsched_db.status_of("items", 7) == "processing"
+
+
+@pytest.mark.asyncio
+async def test_a_missing_row_fails(fastsched_db):
+    await fastsched_db.status_of("items", 99)
+
+
+@pytest.mark.asyncio
+async def test_an_unknown_column_names_the_columns(fastsched_db):
+    await fastsched_db.fetch("items", stauts="pending")
+
+
+@pytest.mark.asyncio
+async def test_a_table_outside_the_metadata_is_reflected(fastsched_db):
+    async with fastsched_db.background_session() as session:
+        await session.execute(app.text("CREATE TABLE extra (id INTEGER PRIMARY KEY, note TEXT)"))
+    await fastsched_db.insert("extra", {"id": 1, "note": "reflected"})
+    assert await fastsched_db.value_of("extra", 1, "note") == "reflected"
+    await fastsched_db.fetch("no_such_table")
+"""
+
+
+def test_the_helpers_insert_fetch_and_read_columns(
+    db_suite: pytest.Pytester, database: str
+) -> None:
+    dialect, url_start = (
+        ("sqlite", "sqlite+aiosqlite:///")
+        if database == "sqlite"
+        else ("postgresql", "postgresql+asyncpg://")
+    )
+    db_suite.makepyfile(
+        test_helpers=f"DIALECT = {dialect!r}\nURL_START = {url_start!r}\n" + HELPERS
+    )
+    result = db_suite.runpytest_inprocess(*NO_RANDOM_ORDER, "--tb=short")
+    result.assert_outcomes(passed=1, failed=3)
+    result.stdout.fnmatch_lines(["E   AssertionError: items has no row with id=99"])
+    result.stdout.fnmatch_lines(
+        ["E   KeyError: \"items has no column 'stauts'; its columns: id, status, last_error\""]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "E   LookupError: fastsched_db: the test database has no table 'no_such_table' "
+            "(tables: extra, items). Set fastsched_metadata to the app's MetaData so the "
+            "schema is created."
+        ]
+    )
+
+
+XDIST_WORKERS = """
+import os
+import time
+
+import pytest
+
+import app
+
+
+async def insert_and_wait_for_the_other_worker(fastsched_db, barrier):
+    worker = os.environ["PYTEST_XDIST_WORKER"]
+    row_id = int(worker.removeprefix("gw")) + 1
+    await fastsched_db.insert("items", {"id": row_id, "status": worker})
+    barrier.mkdir(parents=True, exist_ok=True)
+    (barrier / worker).write_text(fastsched_db.url)
+    deadline = time.monotonic() + 60
+    while len(list(barrier.iterdir())) < 2:
+        assert time.monotonic() < deadline, "the other worker never inserted its row"
+        time.sleep(0.05)
+    assert await fastsched_db.fetch("items") == [
+        {"id": row_id, "status": worker, "last_error": None}
+    ]
+
+
+@pytest.mark.asyncio
+async def test_rollback(fastsched_db):
+    await insert_and_wait_for_the_other_worker(fastsched_db, BARRIER / "rollback")
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="commit")
+async def test_commit(fastsched_db):
+    await insert_and_wait_for_the_other_worker(fastsched_db, BARRIER / "commit")
+"""
+
+
+def test_xdist_workers_get_a_database_each(
+    make_db_suite: Callable[[str], pytest.Pytester], tmp_path: Path, database: str
+) -> None:
+    """Each worker sees only its own rows, committed or not, in a database of its own."""
+    _run_two_workers(make_db_suite(database), tmp_path / "barrier")
+
+
+def test_xdist_workers_share_the_plugins_own_server(
+    make_db_suite: Callable[[str], pytest.Pytester], tmp_path: Path, user_tmpdir: Path
+) -> None:
+    """``postgresql``: one server for both workers, stopped and removed after the run."""
+    _run_two_workers(make_db_suite("postgresql"), tmp_path / "barrier")
+    assert list(user_tmpdir.iterdir()) == []
+
+
+def _run_two_workers(pytester: pytest.Pytester, barrier: Path) -> None:
+    pytester.makepyfile(
+        test_workers=f"from pathlib import Path\nBARRIER = Path({str(barrier)!r})\n"
+        + XDIST_WORKERS
+    )
+    result = pytester.runpytest_subprocess(
+        "-p", "xdist", "-n", "2", "--dist", "each", *NO_RANDOM_ORDER
+    )
+    result.assert_outcomes(passed=4)
+    for isolation in ("rollback", "commit"):
+        urls = {path.read_text() for path in (barrier / isolation).iterdir()}
+        assert len(urls) == 2
+
+
+def test_sqlite_needs_the_savepoint_workaround(tmp_path: Path) -> None:
+    """Without it, a released savepoint survives the outer rollback: the data would leak."""
+    table = Table("t", MetaData(), Column("id", Integer, primary_key=True))
+    url = f"sqlite+aiosqlite:///{tmp_path / 'leak.db'}"
+
+    async def rows_left_after_rollback(with_workaround: bool) -> list[int]:
+        engine = _db.create_engine(url) if with_workaround else create_async_engine(url)
+        try:
+            async with engine.begin() as connection:
+                await connection.run_sync(table.metadata.drop_all)
+                await connection.run_sync(table.metadata.create_all)
+            async with engine.connect() as connection:
+                await connection.begin()
+                async with connection.begin_nested():
+                    await connection.execute(insert(table).values(id=1))
+                await connection.rollback()
+            async with engine.connect() as connection:
+                return list((await connection.execute(select(table.c.id))).scalars())
+        finally:
+            await engine.dispose()
+
+    with ThreadPoolExecutor(1) as thread:  # this thread's event loop stays as it is
+        assert thread.submit(asyncio.run, rows_left_after_rollback(False)).result() == [1]
+        assert thread.submit(asyncio.run, rows_left_after_rollback(True)).result() == []

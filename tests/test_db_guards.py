@@ -1,0 +1,210 @@
+"""The guards of ``fastsched_db``: each way out of the isolation fails the test, naming the fix.
+
+Jobs catch their own exceptions, so each guard error is also recorded and fails a test that
+would otherwise pass.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+GUARDED = """
+import asyncio
+
+import pytest
+from sqlalchemy import text
+
+import app
+
+
+async def swallowing(job):
+    try:
+        await job
+    except Exception:
+        pass  # as the app's jobs do: log it and carry on
+
+
+async def write_through(engine):
+    async with engine.begin() as connection:
+        await connection.execute(text("INSERT INTO items (id, status) VALUES (9, 'leak')"))
+
+
+@pytest.mark.asyncio
+async def test_second_connection(fastsched_db):
+    await swallowing(write_through(fastsched_db.engine))
+
+
+@pytest.mark.asyncio
+async def test_the_apps_own_engine(fastsched_db):
+    await swallowing(write_through(app.engine))
+
+
+async def step_by_step(name):
+    async with app.get_background_session() as session:
+        await session.execute(text("SELECT 1"))
+        await asyncio.sleep(0)
+        await session.execute(text("SELECT 2"))
+
+
+@pytest.mark.asyncio
+async def test_overlapping_jobs(fastsched_db):
+    await asyncio.gather(swallowing(step_by_step("a")), swallowing(step_by_step("b")))
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="commit")
+async def test_overlapping_jobs_under_commit_isolation(fastsched_db):
+    await asyncio.gather(step_by_step("a"), step_by_step("b"))
+
+
+@pytest.mark.asyncio
+async def test_vacuum(fastsched_db):
+    async with app.get_background_session() as session:
+        await session.execute(text("VACUUM"))
+
+
+@pytest.mark.asyncio
+async def test_create_index_concurrently(fastsched_db):
+    async with app.get_background_session() as session:
+        await session.execute(text("CREATE INDEX CONCURRENTLY ix_status ON items (status)"))
+
+
+@pytest.mark.asyncio(loop_scope="module")
+async def test_another_loop(fastsched_db):
+    await fastsched_db.insert("items", {"id": 1})
+"""
+
+SECOND_CONNECTION = (
+    "fastsched_db: a second connection to the test database was opened during a "
+    "rollback-isolated test. Only the test connection is rolled back at the end: this "
+    "connection's writes would really commit and leak into later tests. Open sessions "
+    "through the app's sessionmaker (it is bound to the test connection), or mark the test "
+    "@pytest.mark.fastsched(isolation='commit') for work that needs several connections."
+)
+APP_ENGINE = (
+    "fastsched_db: the app used its own engine (sqlite+aiosqlite:///production.db) during a "
+    "rollback-isolated test, not the sessionmaker the plugin re-binds: its writes would "
+    "really commit, to the app's configured database, and the test would not see them. Open "
+    "sessions through the app's sessionmaker (fastsched_sessionmaker), or monkeypatch the "
+    "engine with fastsched_db.engine in a test marked "
+    "@pytest.mark.fastsched(isolation='commit')."
+)
+OVERLAP = (
+    "fastsched_db: two tasks used the shared test connection at the same time: "
+    "task 'Task-*' (swallowing) still had a session transaction open when "
+    "task 'Task-*' (swallowing) used the connection. Under rollback isolation every "
+    "session shares one connection, so jobs that overlap (max_instances > 1, several "
+    "replicas, asyncio.gather) cannot run at once. Mark the test "
+    "@pytest.mark.fastsched(isolation='commit') to give each session its own connection, "
+    "or let the jobs run one after another."
+)
+NOT_IN_A_TRANSACTION = (
+    "fastsched_db: {!r} cannot run inside a transaction, and under rollback isolation "
+    "every statement runs inside the test's outer transaction. Mark the test "
+    "@pytest.mark.fastsched(isolation='commit') and run it on an AUTOCOMMIT connection (as "
+    "in production), or leave it to the migrations."
+)
+ANOTHER_LOOP = (
+    "fastsched_db: the test connection was used from another event loop than the one "
+    "fastsched_db was set up on; database connections cannot move between loops. Run the "
+    "test and its async fixtures on one loop: give them the same loop scope "
+    "(asyncio_default_fixture_loop_scope = asyncio_default_test_loop_scope, or the same "
+    "@pytest.mark.asyncio(loop_scope=...)), and do not run database code in an event loop "
+    "of another thread."
+)
+
+
+def test_each_guard_fails_the_test_with_its_fix(db_suite: pytest.Pytester) -> None:
+    db_suite.makepyfile(test_guarded=GUARDED)
+    result = db_suite.runpytest_inprocess("-p", "no:randomly", "--tb=short")
+    result.assert_outcomes(passed=1, failed=6)
+    error = "E   pytest_fastsched._db.DatabaseGuardError: "
+    for test, message in [
+        ("test_second_connection", SECOND_CONNECTION),
+        ("test_the_apps_own_engine", APP_ENGINE),
+        ("test_overlapping_jobs", OVERLAP),
+        ("test_vacuum", NOT_IN_A_TRANSACTION.format("VACUUM")),
+        (
+            "test_create_index_concurrently",
+            NOT_IN_A_TRANSACTION.format("CREATE INDEX CONCURRENTLY ix_status"),
+        ),
+        ("test_another_loop", ANOTHER_LOOP),
+    ]:
+        result.stdout.fnmatch_lines([f"_* {test} _*", error + message])
+    # The guard stopped the write before it reached the app's database.
+    assert not db_suite.path.joinpath("production.db").exists()
+    # Each error is reported once: the test's own failure is not repeated in a section.
+    assert "fastsched_db guard" not in result.stdout.str()
+
+
+UNREPORTED = """
+import pytest
+
+import app
+
+
+@pytest.mark.asyncio
+async def test_a_swallowed_guard_error_explains_a_failure(fastsched_db):
+    await fastsched_db.insert("items", {"id": 1})
+    try:
+        async with app.engine.begin():
+            pass
+    except Exception:
+        pass
+    assert await fastsched_db.status_of("items", 1) == "completed"
+"""
+
+
+def test_a_guard_error_behind_another_failure_is_shown_beside_it(
+    db_suite: pytest.Pytester,
+) -> None:
+    db_suite.makepyfile(test_unreported=UNREPORTED)
+    result = db_suite.runpytest_inprocess("--tb=short")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E   AssertionError: assert 'pending' == 'completed'"])
+    result.stdout.fnmatch_lines(["-* fastsched_db guard -*", APP_ENGINE], consecutive=True)
+
+
+MISSING_GREENLET = """
+import pytest
+
+import app
+
+
+@pytest.mark.asyncio
+async def test_an_expired_attribute_read_after_commit(fastsched_db):
+    await fastsched_db.insert("items", {"id": 1})
+    async with app.expiring_session_factory() as session:
+        item = await session.get(app.Item, 1)
+        item.status = "completed"
+        await session.commit()
+        assert item.status == "completed"
+"""
+
+
+def test_missing_greenlet_gets_a_hint(db_suite: pytest.Pytester) -> None:
+    db_suite.makepyfile(test_greenlet=MISSING_GREENLET)
+    # In a process of its own: on SQLite, MissingGreenlet leaves an aiosqlite coroutine that
+    # is never awaited (inside SQLAlchemy), and its RuntimeWarning would hit a later test.
+    result = db_suite.runpytest_subprocess(
+        "--tb=short", "--fastsched-sessionmaker=app:expiring_session_factory"
+    )
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["E   sqlalchemy.exc.MissingGreenlet: *"])
+    result.stdout.fnmatch_lines(
+        [
+            "-* pytest-fastsched hint -*",
+            "MissingGreenlet: SQLAlchemy had to do database I/O where it could not be awaited. "
+            "Usual causes:",
+            "- an attribute read after commit(): commit expires the loaded objects "
+            "(expire_on_commit=True, the default), so the next read reloads it implicitly; "
+            "read the values before the commit, `await session.refresh(obj)`, or build the "
+            "sessionmaker with expire_on_commit=False;",
+            "- a lazy-loaded relationship: load it eagerly (`selectinload(...)`) or read it "
+            "with `await obj.awaitable_attrs.<name>`;",
+            "- a synchronous Session or engine call made from async code.",
+            "pytest-fastsched keeps the app's session settings as the app set them: this fails "
+            "in production too.",
+        ],
+        consecutive=True,
+    )
