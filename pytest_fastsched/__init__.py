@@ -11,15 +11,30 @@ from typing import TYPE_CHECKING
 __all__ = [
     "Database",
     "DatabaseGuardError",
+    "History",
+    "HistoryRecord",
     "JobRun",
     "JobRunError",
     "SchedulerHarness",
     "VirtualClock",
+    "assert_all",
+    "assert_processed_once",
+    "assert_status",
+    "assert_transitions",
+    "timeline",
 ]
 
 if TYPE_CHECKING:
+    from pytest_fastsched._asserts import (
+        assert_all,
+        assert_processed_once,
+        assert_status,
+        assert_transitions,
+        timeline,
+    )
     from pytest_fastsched._clock import VirtualClock
     from pytest_fastsched._db import Database, DatabaseGuardError
+    from pytest_fastsched._history import History, HistoryRecord
     from pytest_fastsched._scheduler import JobRun, JobRunError, SchedulerHarness
 
 
@@ -37,4 +52,21 @@ def __getattr__(name: str) -> object:
         from pytest_fastsched import _db
 
         return getattr(_db, name)
+    if name in ("History", "HistoryRecord"):
+        from pytest_fastsched import _history
+
+        return getattr(_history, name)
+    if name in _ASSERTIONS:
+        from pytest_fastsched import _asserts
+
+        return getattr(_asserts, name)
     raise AttributeError(f"module 'pytest_fastsched' has no attribute {name!r}")
+
+
+_ASSERTIONS = (
+    "assert_all",
+    "assert_processed_once",
+    "assert_status",
+    "assert_transitions",
+    "timeline",
+)

@@ -385,6 +385,7 @@ class VirtualClock:
         self._busy_sources: list[Callable[[], int]] = []
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self._describers: list[Callable[[], list[str]]] = []
+        self._on_drive: list[Callable[[], None]] = []
 
     @property
     def backend(self) -> str:
@@ -468,6 +469,15 @@ class VirtualClock:
         self._on_attach.append(callback)
         if self._loop_patch is not None:
             callback(self._loop_patch.loop)
+
+    def on_drive(self, callback: Callable[[], None]) -> None:
+        """Call ``callback()`` at the start of every call that moves time."""
+        self._on_drive.append(callback)
+
+    @property
+    def driving(self) -> bool:
+        """Whether a clock call is moving time right now."""
+        return self._driving
 
     def add_describer(self, describer: Callable[[], list[str]]) -> None:
         """Lines that describe pending work, shown when the watchdog fires."""
@@ -599,6 +609,8 @@ class VirtualClock:
         watchdog = _Watchdog(loop, self.watchdog_seconds)
         self._driving = True
         try:
+            for callback in self._on_drive:
+                callback()
             await drive(watchdog)
         finally:
             self._driving = False

@@ -48,7 +48,7 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.pool import NullPool
 
-from pytest_fastsched import _options, _postgres
+from pytest_fastsched import _options, _postgres, _schema
 
 RUN_ID_INPUT = "fastsched_run_id"
 SERVER_INPUT = "fastsched_postgres_directory"
@@ -308,11 +308,10 @@ class _SqliteLocation:
         self.directory = Path(tempfile.mkdtemp(prefix="pytest-fastsched-sqlite-"))
         self.url = f"sqlite+aiosqlite:///{self.directory / 'test.db'}"
 
-    async def create(self, metadata: MetaData | None, describe: str) -> None:
+    async def create(self, schema: _schema.Schema) -> None:
         engine = create_engine(self.url, poolclass=NullPool)
         try:
-            async with engine.begin() as connection:
-                await _create_schema(connection, metadata, describe)
+            await schema.build(engine)
         finally:
             await engine.dispose()
 
@@ -329,13 +328,13 @@ class _PostgresLocation:
         self.name = f"fastsched_{run_id}_{worker}".lower()
         self.url = _with_database(admin_url, self.name)
 
-    async def create(self, metadata: MetaData | None, describe: str) -> None:
+    async def create(self, schema: _schema.Schema) -> None:
         admin = _admin_engine(self.admin_url)
         try:
             connection = await _connect(admin)
             try:
                 await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
-                await self._create_template(connection, metadata, describe)
+                await self._create_template(connection, schema)
                 await connection.exec_driver_sql(
                     f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
                 )
@@ -344,9 +343,7 @@ class _PostgresLocation:
         finally:
             await admin.dispose()
 
-    async def _create_template(
-        self, admin: AsyncConnection, metadata: MetaData | None, describe: str
-    ) -> None:
+    async def _create_template(self, admin: AsyncConnection, schema: _schema.Schema) -> None:
         exists = await admin.scalar(
             text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.template}
         )
@@ -355,8 +352,7 @@ class _PostgresLocation:
         await admin.exec_driver_sql(f"CREATE DATABASE {_quote(self.template)}")
         engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
         try:
-            async with engine.begin() as connection:
-                await _create_schema(connection, metadata, describe)
+            await schema.build(engine)
         except BaseException:
             await engine.dispose()
             await _drop_database(admin, self.template)
@@ -371,22 +367,6 @@ class _PostgresLocation:
 
 def _template_name(run_id: str) -> str:
     return f"fastsched_{run_id}_template"
-
-
-async def _create_schema(
-    connection: AsyncConnection, metadata: MetaData | None, describe: str
-) -> None:
-    if metadata is None:
-        return
-    try:
-        await connection.run_sync(metadata.create_all)
-    except Exception as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise _fail(
-            f"{describe}: create_all() failed on {connection.dialect.name}: "
-            f"{type(error).__name__}: {first_line}. Fix the model (or the DDL it emits) so "
-            "that the schema can be created on this database."
-        ) from None
 
 
 def _admin_engine(url: str) -> AsyncEngine:
@@ -494,8 +474,12 @@ class Databases:
         *,
         worker: str = "main",
         workerinput: Mapping[str, Any] | None = None,
+        schema_hook: _schema.SchemaHook | None = None,
     ) -> None:
         self.settings = settings
+        self._schema_hook = schema_hook
+        self.schema = _schema.Schema()
+        self.seeds = _schema.Seeds(settings.seed_tables)
         self.worker = worker
         self._workerinput = dict(workerinput or {})
         self._owner = workerinput is None
@@ -542,6 +526,7 @@ class Databases:
                 )
         except pytest.UsageError as error:
             raise _fail(str(error)) from None
+        self.schema = _schema.Schema.from_settings(settings, self.metadata, self._schema_hook)
 
     async def _create_database(self) -> None:
         if ERROR_INPUT in self._workerinput:
@@ -552,7 +537,8 @@ class Databases:
         else:
             location = _PostgresLocation(self._admin_url(), self._run_id, self.worker)
         self._location = location
-        await location.create(self.metadata, f"fastsched_metadata = {self.settings.metadata!r}")
+        await location.create(self.schema)
+        await self.seeds.snapshot((await self.engine()).engine)
 
     def _admin_url(self) -> str:
         """The server's URL of a database to connect to, never one the tests use."""
@@ -687,14 +673,17 @@ class Databases:
         async with engine.begin() as connection:
             for table in await self._tables_to_empty(connection):
                 await connection.execute(table.delete())
+            await self.seeds.restore(connection)
 
     async def _tables_to_empty(self, connection: AsyncConnection) -> list[Table]:
-        if self.metadata is not None:
-            return list(reversed(self.metadata.sorted_tables))
-        names = await connection.run_sync(
-            lambda sync: [name for name, _ in inspect(sync).get_sorted_table_and_fkc_names()]
-        )
-        return [Table(name, MetaData()) for name in reversed(names) if name]
+        tables = self.schema.created_tables()
+        if tables is None:
+            names = await connection.run_sync(
+                lambda sync: [name for name, _ in inspect(sync).get_sorted_table_and_fkc_names()]
+            )
+            tables = [Table(name, MetaData()) for name in names if name]
+        kept = self.schema.kept_tables
+        return [table for table in reversed(tables) if table.name not in kept]
 
     # -- the end of the process
 
@@ -891,6 +880,21 @@ class Database:
         reported = {id(link) for link in exception_chain(failure)}
         return [error for error in self._state.errors if id(error) not in reported]
 
+    # -- for fastsched_history (pytest_fastsched._history) ----------------------------------
+
+    @property
+    def metadata(self) -> MetaData | None:
+        """The app's ``MetaData`` (``fastsched_metadata``), or ``None`` when it is not set."""
+        return self._databases.metadata
+
+    def connection(self) -> contextlib.AbstractAsyncContextManager[AsyncConnection]:
+        """A connection of this test in a transaction that commits when the block ends.
+
+        Under rollback isolation a savepoint of the test connection, released at the end;
+        under commit isolation a connection of its own.
+        """
+        return self._helper_connection()
+
 
 def _column(table: Table, name: str) -> Any:
     if name not in table.columns:
@@ -931,5 +935,8 @@ def worker_id(config: pytest.Config) -> str:
 def for_config(config: pytest.Config, settings: _options.Settings) -> Databases:
     """The :class:`Databases` of this process, with what the xdist controller handed over."""
     return Databases(
-        settings, worker=worker_id(config), workerinput=getattr(config, "workerinput", None)
+        settings,
+        worker=worker_id(config),
+        workerinput=getattr(config, "workerinput", None),
+        schema_hook=config.hook.pytest_fastsched_create_schema,
     )

@@ -10,7 +10,9 @@ from __future__ import annotations
 import dataclasses
 import datetime as dt
 import importlib
+import re
 from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any, Literal
 
 import pytest
@@ -51,6 +53,25 @@ OPTIONS: tuple[Option, ...] = (
     Option("metadata", "the app's SQLAlchemy MetaData, as 'module:attr'"),
     Option("app", "the app's ASGI application (FastAPI instance), as 'module:attr'"),
     Option(
+        "tables",
+        "create only these tables of fastsched_metadata and the tables their foreign keys "
+        "reach, separated by spaces or commas",
+    ),
+    Option(
+        "alembic",
+        "the app's alembic.ini, relative to the rootdir: build the schema with "
+        "'alembic upgrade heads' instead of create_all()",
+    ),
+    Option(
+        "extensions",
+        "PostgreSQL extensions to create before the schema, separated by spaces or commas",
+    ),
+    Option(
+        "seed_tables",
+        "tables of seed data the schema step fills: commit isolation restores their rows "
+        "instead of emptying them, separated by spaces or commas",
+    ),
+    Option(
         "database",
         "'sqlite' (embedded, default), 'postgresql' (ephemeral local server) "
         "or the SQLAlchemy URL of an existing server",
@@ -73,6 +94,18 @@ OPTIONS: tuple[Option, ...] = (
         "(default 30)",
         default="30",
     ),
+    Option(
+        "track",
+        "tables fastsched_history records besides those with a 'status' column, as "
+        "TABLE:STATUS_COLUMN[:ERROR_COLUMN[:OTHER_COLUMN...]] separated by spaces",
+    ),
+    Option(
+        "timeline",
+        "print a timeline of job runs and row transitions for each failing test (every test "
+        "with -v)",
+        default="false",
+        flag=True,
+    ),
 )
 
 
@@ -88,6 +121,12 @@ class Settings:
     clock_backend: ClockBackendName
     start: dt.datetime
     watchdog: float
+    tables: tuple[str, ...] = ()
+    alembic: str | None = None
+    extensions: tuple[str, ...] = ()
+    seed_tables: tuple[str, ...] = ()
+    track: tuple[TrackSpec, ...] = ()
+    timeline: bool = False
 
 
 def _raw_value(config: pytest.Config, option: Option) -> str | None:
@@ -120,6 +159,36 @@ def _import_path(option: Option, value: str | None) -> str | None:
             f"'app.services.scheduler:scheduler'. See {DOCS}"
         )
     return value
+
+
+def _names(value: str | None) -> tuple[str, ...]:
+    return tuple(name for name in re.split(r"[\s,]+", value or "") if name)
+
+
+def _alembic_ini(option: Option, value: str | None, rootdir: Path) -> str | None:
+    if value is None:
+        return None
+    path = rootdir / value
+    if not path.is_file():
+        raise pytest.UsageError(
+            f"{option.ini_name} = {value!r}: no such file {path}. Give the path of the app's "
+            f"alembic.ini, relative to the rootdir ({rootdir}). See {DOCS}"
+        )
+    return str(path)
+
+
+def _check_schema_sources(settings: Settings) -> None:
+    if settings.tables and settings.alembic is not None:
+        raise pytest.UsageError(
+            "fastsched_tables and fastsched_alembic exclude each other: the migrations build "
+            "the whole schema. Remove fastsched_tables, or remove fastsched_alembic to build "
+            f"the schema with create_all(). See {DOCS}"
+        )
+    if settings.tables and settings.metadata is None:
+        raise pytest.UsageError(
+            f"fastsched_tables = {' '.join(settings.tables)!r} needs fastsched_metadata: it "
+            f"names tables of the app's MetaData to create. See {DOCS}"
+        )
 
 
 def parse_start(value: object, source: str) -> dt.datetime:
@@ -174,7 +243,7 @@ def load_settings(config: pytest.Config) -> Settings:
     if "://" not in database:
         database = _choice(by_name["database"], database, ("sqlite", "postgresql"))
     backend = _choice(by_name["clock_backend"], raw["clock_backend"] or "", CLOCK_BACKENDS)
-    return Settings(
+    settings = Settings(
         scheduler=_import_path(by_name["scheduler"], raw["scheduler"]),
         sessionmaker=_import_path(by_name["sessionmaker"], raw["sessionmaker"]),
         metadata=_import_path(by_name["metadata"], raw["metadata"]),
@@ -183,7 +252,15 @@ def load_settings(config: pytest.Config) -> Settings:
         clock_backend=backend,  # type: ignore[arg-type]
         start=parse_start(raw["start"], "fastsched_start"),
         watchdog=_positive_float(by_name["watchdog"], raw["watchdog"] or ""),
+        tables=_names(raw["tables"]),
+        alembic=_alembic_ini(by_name["alembic"], raw["alembic"], config.rootpath),
+        extensions=_names(raw["extensions"]),
+        seed_tables=_names(raw["seed_tables"]),
+        track=parse_track(raw["track"]),
+        timeline=_flag(by_name["timeline"], raw["timeline"] or ""),
     )
+    _check_schema_sources(settings)
+    return settings
 
 
 def resolve(path: str, option_name: str) -> Any:
@@ -214,6 +291,8 @@ class MarkerOptions:
     start: dt.datetime | None = None
     isolation: IsolationMode | None = None
     job_errors: JobErrorMode = "raise"
+    track: tuple[TrackSpec, ...] | None = None
+    replicas: int = 1
 
 
 def _marker_signature(
@@ -221,7 +300,10 @@ def _marker_signature(
     start: dt.datetime | str | None = None,
     isolation: str | None = None,
     job_errors: str = "raise",
+    track: Mapping[str, Any] | None = None,
+    replicas: int = 1,
 ) -> MarkerOptions:
+    isolation = _replica_isolation(replicas, isolation)
     if isolation is not None and isolation not in ISOLATION_MODES:
         raise pytest.UsageError(
             f"@pytest.mark.fastsched(isolation={isolation!r}) is not valid: "
@@ -236,14 +318,37 @@ def _marker_signature(
         start=None if start is None else parse_start(start, "@pytest.mark.fastsched(start=...)"),
         isolation=isolation,  # type: ignore[arg-type]
         job_errors=job_errors,  # type: ignore[arg-type]
+        track=None if track is None else track_of_marker(track),
+        replicas=replicas,
     )
 
 
+def _replica_isolation(replicas: object, isolation: str | None) -> str | None:
+    """Validate ``replicas``; more than one implies (and needs) commit isolation."""
+    if isinstance(replicas, bool) or not isinstance(replicas, int) or replicas < 1:
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(replicas={replicas!r}) is not valid: give the number of "
+            f"copies of the app's scheduler to run, an int of at least 1"
+        )
+    if replicas == 1:
+        return isolation
+    if isolation == "rollback":
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(replicas={replicas}) cannot run under "
+            f"isolation='rollback': the replicas' jobs run at once, and under rollback "
+            f"isolation every session shares the one test connection. Remove "
+            f"isolation='rollback' (replicas imply isolation='commit'), or run one replica."
+        )
+    return "commit"
+
+
 MARKER_HELP = (
-    "fastsched(*, start=None, isolation=None, job_errors='raise'): per-test settings of "
-    "pytest-fastsched: the virtual start instant, the database isolation mode "
-    "('rollback' or 'commit'), and whether job exceptions fail the test ('raise') or are "
-    "only recorded ('record')."
+    "fastsched(*, start=None, isolation=None, job_errors='raise', track=None, replicas=1): "
+    "per-test settings of pytest-fastsched: the virtual start instant, the database isolation "
+    "mode ('rollback' or 'commit'), whether job exceptions fail the test ('raise') or are only "
+    "recorded ('record'), the tables fastsched_history records "
+    "({'table': ('status_column', 'error_column', 'other_column', ...)}), and how many copies "
+    "of the app's scheduler run (replicas > 1 implies isolation='commit')."
 )
 
 
@@ -271,3 +376,93 @@ def _call_signature(
         raise pytest.UsageError(
             f"{shown_as} got an unexpected keyword argument {unexpected}; valid: {valid}"
         ) from None
+
+
+# -- fastsched_history: the tracked tables and the timeline flag ------------------------------
+
+TRACK_SYNTAX = "TABLE:STATUS_COLUMN[:ERROR_COLUMN[:OTHER_COLUMN...]]"
+_TRUE = ("true", "1", "yes", "on")
+_FALSE = ("false", "0", "no", "off")
+
+
+@dataclasses.dataclass(frozen=True)
+class TrackSpec:
+    """A table ``fastsched_history`` records, with the columns it records.
+
+    ``status`` is the column whose writes are recorded; ``error`` (the error text, shown and
+    checked by ``last_error=``) and ``others`` are recorded with each write.
+    """
+
+    table: str
+    status: str
+    error: str | None = None
+    others: tuple[str, ...] = ()
+
+
+def parse_track(value: str | None) -> tuple[TrackSpec, ...]:
+    """Parse ``fastsched_track``: entries ``TABLE:STATUS[:ERROR[:OTHER...]]`` split by spaces.
+
+    An empty ERROR (``items:status::attempts``) records no error column.
+    """
+    specs: list[TrackSpec] = []
+    for entry in (value or "").split():
+        table, _, rest = entry.partition(":")
+        status, _, rest = rest.partition(":")
+        error, _, others = rest.partition(":")
+        other_names = tuple(others.split(":")) if others else ()
+        if not table or not status or "" in other_names:
+            raise pytest.UsageError(
+                f"fastsched_track: {entry!r} is not valid: write each table as "
+                f"{TRACK_SYNTAX}, separated by spaces, e.g. 'fastsched_track = "
+                f"items:status:last_error domains:domain_extraction_status:"
+                f"domain_extraction_error'. See {DOCS}"
+            )
+        specs.append(TrackSpec(table, status, error or None, other_names))
+    _check_unique(specs, "fastsched_track")
+    return tuple(specs)
+
+
+def track_of_marker(track: object) -> tuple[TrackSpec, ...]:
+    """Validate ``@pytest.mark.fastsched(track=...)``: a dict of table to its columns."""
+    items = list(track.items()) if isinstance(track, Mapping) else []
+    specs = [_marker_spec(table, columns) for table, columns in items]
+    if not items or None in specs:
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(track={track!r}) is not valid: give a dict of table "
+            f"name to its status column, or to a tuple (status column, error column or None, "
+            f"other columns...), e.g. track={{'domains': ('domain_extraction_status', "
+            f"'domain_extraction_error')}}"
+        )
+    checked = [spec for spec in specs if spec is not None]
+    _check_unique(checked, "@pytest.mark.fastsched(track=...)")
+    return tuple(checked)
+
+
+def _marker_spec(table: object, columns: object) -> TrackSpec | None:
+    names = (columns,) if isinstance(columns, str) else columns
+    if not isinstance(table, str) or not isinstance(names, (tuple, list)) or not names:
+        return None
+    status, error, *others = (*names, None) if len(names) == 1 else names
+    if not all(isinstance(name, str) for name in (status, *others)):
+        return None
+    if error is not None and not isinstance(error, str):
+        return None
+    return TrackSpec(table, status, error, tuple(others))
+
+
+def _check_unique(specs: list[TrackSpec], source: str) -> None:
+    tables = [spec.table for spec in specs]
+    for table in tables:
+        if tables.count(table) > 1:
+            raise pytest.UsageError(f"{source} names the table {table!r} twice: keep one entry")
+
+
+def _flag(option: Option, value: str) -> bool:
+    if value.lower() in _TRUE:
+        return True
+    if value.lower() in _FALSE:
+        return False
+    raise pytest.UsageError(
+        f"{option.ini_name} = {value!r} is not valid: use true or false "
+        f"(ini option {option.ini_name}, or the flag {option.cli_name}). See {DOCS}"
+    )

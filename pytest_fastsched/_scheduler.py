@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import copy
 import dataclasses
 import datetime as dt
@@ -21,11 +22,12 @@ import inspect
 import re
 import threading
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any, Literal
 
 import pytest
 
+from pytest_fastsched import _asserts
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
 
 Outcome = Literal["running", "success", "error", "missed", "skipped"]
@@ -52,16 +54,35 @@ class JobRun:
     traceback: str | None = None
     retval: Any = None
     manual: bool = False
+    replica: int = 0
+    """Which copy of the app's scheduler ran it: 0 is the app's own, 1... its replicas."""
 
     def describe(self) -> str:
         """One aligned line of the run log."""
         where = "manual" if self.manual else "scheduled"
-        line = f"{self.job_id}  {where} {self.scheduled.isoformat()}  {self.outcome}"
+        replica = f"  replica {self.replica}" if self.replica else ""
+        line = f"{self.job_id}{replica}  {where} {self.scheduled.isoformat()}  {self.outcome}"
         if self.finished is not None and self.started is not None:
             line += f"  ({(self.finished - self.started).total_seconds():g}s)"
         if self.exception is not None:
             line += f"  {type(self.exception).__name__}: {self.exception}"
         return line
+
+
+@dataclasses.dataclass(frozen=True)
+class RunRef:
+    """The job run some code runs in: the job's id, the run's scheduled time, the replica."""
+
+    job_id: str
+    scheduled: dt.datetime
+    replica: int = 0
+
+
+current_run: contextvars.ContextVar[RunRef | None] = contextvars.ContextVar(
+    "fastsched_current_run", default=None
+)
+"""The job run of the running code: set in each job's task (and the executor threads it
+starts), ``None`` in the test itself. ``fastsched_history`` stamps each write with it."""
 
 
 @dataclasses.dataclass
@@ -123,17 +144,25 @@ class SchedulerHarness:
     ``@pytest.mark.fastsched(job_errors="record")``.
     """
 
-    def __init__(self, clock: VirtualClock, *, job_errors: str = "raise") -> None:
+    def __init__(
+        self, clock: VirtualClock, *, job_errors: str = "raise", replica: int = 0
+    ) -> None:
         self.clock = clock
         self.job_errors = job_errors
+        self.replica = replica
+        self.replica_count = 1
+        self._replica_set: Any = None
+        self._replica_engine: Callable[[], Any] | None = None
         self.runs: list[JobRun] = []
         self.scheduler: Any = None
         self.autostart = True
+        self._held = False
         self._lock = threading.Lock()
         self._raised: set[int] = set()
         self._expectations: list[_Expectation] = []
         self._snapshot: _JobStoreSnapshot | None = None
         self._thread_jobs = 0
+        self._labelled: list[Any] = []
         clock.add_check(self._raise_job_errors)
         clock.add_busy_source(lambda: self._thread_jobs)
         clock.add_describer(self._describe_running)
@@ -164,7 +193,27 @@ class SchedulerHarness:
             self._check_job(job)
         self._reanchor_real_time_jobs()
         scheduler.add_listener(self._on_event, EVENT_ALL)
+        self.clock.on_drive(self._release)
         self.clock.on_attach(self._on_loop)
+        if self.replica_count > 1:
+            self.use_replicas(self.replica_count, engine=self._replica_engine)
+
+    def use_replicas(self, count: int, *, engine: Callable[[], Any] | None = None) -> None:
+        """Run ``count`` copies of the scheduler (this one included) on the virtual clock.
+
+        The copies hold the same jobs (functions, triggers, arguments, ids) and fire at the
+        same virtual instants, as the app's replicas do on several servers; each run is
+        recorded with its replica index (``JobRun.replica``). Needs commit isolation, so that
+        each replica's sessions get connections of their own; ``engine`` returns the engine
+        whose pool the replicas' connections are opened in when they start (the plugin passes
+        the test database's). See :mod:`._replicas`.
+        """
+        from pytest_fastsched import _replicas
+
+        self.replica_count = count
+        self._replica_engine = engine
+        if self.scheduler is not None and self._replica_set is None and count > 1:
+            self._replica_set = _replicas.ReplicaSet(self, count, engine or (lambda: None))
 
     def _all_jobs(self) -> list[Any]:
         return list(self.scheduler.get_jobs())
@@ -181,7 +230,35 @@ class SchedulerHarness:
         if scheduler.state == STATE_STOPPED:
             scheduler._eventloop = loop
             if self.autostart:
-                scheduler.start()
+                # Paused until the first clock call: a job due at the start instant fires
+                # inside that call, not at whatever the test awaits first.
+                self._held = not self.clock.driving
+                scheduler.start(paused=self._held)
+        self._label_runs()
+
+    def _release(self) -> None:
+        from apscheduler.schedulers.base import STATE_PAUSED
+
+        if self._held and self.scheduler is not None and self.scheduler.state == STATE_PAUSED:
+            self.scheduler.resume()
+        self._held = False
+
+    def _label_runs(self) -> None:
+        """Submit each job run with ``current_run`` set, so the run's task inherits it."""
+        for executor in self.scheduler._executors.values():
+            if "_do_submit_job" in vars(executor):
+                continue
+            submit = executor._do_submit_job
+
+            def labelled(job: Any, run_times: list[dt.datetime], submit: Any = submit) -> Any:
+                token = current_run.set(RunRef(job.id, _utc(run_times[0]), self.replica))
+                try:
+                    return submit(job, run_times)
+                finally:
+                    current_run.reset(token)
+
+            executor._do_submit_job = labelled
+            self._labelled.append(executor)
 
     def _reanchor_real_time_jobs(self) -> None:
         """Re-anchor jobs whose schedule was computed from the real clock before the test.
@@ -239,8 +316,17 @@ class SchedulerHarness:
             elif code == ev.EVENT_JOB_MAX_INSTANCES:
                 for scheduled in event.scheduled_run_times:
                     self.runs.append(
-                        JobRun(event.job_id, _utc(scheduled), None, self.clock.now(), "skipped")
+                        JobRun(
+                            event.job_id,
+                            _utc(scheduled),
+                            None,
+                            self.clock.now(),
+                            "skipped",
+                            replica=self.replica,
+                        )
                     )
+            elif code in (ev.EVENT_SCHEDULER_STARTED, ev.EVENT_EXECUTOR_ADDED):
+                self._label_runs()
             elif code in (ev.EVENT_JOB_ADDED, ev.EVENT_JOB_MODIFIED):
                 job = self.scheduler.get_job(event.job_id)
                 if job is not None:
@@ -251,7 +337,7 @@ class SchedulerHarness:
         now = self.clock.now()
         threaded = self._runs_on_thread_pool(event.job_id)
         for scheduled in event.scheduled_run_times:
-            self.runs.append(JobRun(event.job_id, _utc(scheduled), now))
+            self.runs.append(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
             self._thread_jobs += threaded
 
     def _runs_on_thread_pool(self, job_id: str) -> int:
@@ -268,7 +354,7 @@ class SchedulerHarness:
         scheduled = _utc(event.scheduled_run_time)
         run = self._open_run(event.job_id, scheduled)
         if run is None:
-            run = JobRun(event.job_id, scheduled, None)
+            run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
         elif run.started is not None and self._thread_jobs and not run.manual:
             self._thread_jobs -= self._runs_on_thread_pool(event.job_id)
@@ -286,7 +372,12 @@ class SchedulerHarness:
 
     def _open_run(self, job_id: str, scheduled: dt.datetime) -> JobRun | None:
         for run in self.runs:
-            if run.job_id == job_id and run.outcome == "running" and run.scheduled == scheduled:
+            if (
+                run.job_id == job_id
+                and run.outcome == "running"
+                and run.scheduled == scheduled
+                and run.replica == self.replica
+            ):
                 return run
         return None
 
@@ -402,6 +493,7 @@ class SchedulerHarness:
 
         self.clock.attach()
         job = self.job(job_id)
+        self._label_runs()
         now = self._aware_now()
         run = JobRun(job_id, _utc(now), _utc(now), manual=True)
         with self._lock:
@@ -426,23 +518,22 @@ class SchedulerHarness:
     ) -> None:
         """Assert that ``job_id`` started ``times`` times (any number > 0 if omitted).
 
-        ``at`` checks the exact scheduled times. The failure lists the job's whole run log.
+        ``at`` checks the exact scheduled times. The failure shows the job's whole run log.
         """
         __tracebackhide__ = True
         self.job_if_known(job_id)
         started = self.run_times(job_id)
+        expected_at = None if at is None else [_utc(instant) for instant in at]
         problem = None
         if times is None and at is None and not started:
-            problem = "expected at least one run, got none"
+            problem = ("at least one run", "no runs")
         elif times is not None and len(started) != times:
-            problem = f"expected {times} run(s), got {len(started)}"
-        elif at is not None and started != [instant.astimezone(dt.timezone.utc) for instant in at]:
-            problem = "expected runs at:\n" + "\n".join(f"  {t.isoformat()}" for t in at)
+            problem = (_runs(times), _runs(len(started)))
+        elif expected_at is not None and started != expected_at:
+            problem = (_asserts.run_times(expected_at), _asserts.run_times(started))
         if problem is not None:
-            raise AssertionError(
-                f"job {job_id!r}: {problem}\nRun log of {job_id!r} "
-                f"(virtual now {self.clock.now().isoformat()}):\n{self.format_runs(job_id)}"
-            )
+            now = _asserts.format_time(self.clock.now())
+            raise AssertionError(_asserts.ran_failure(job_id, problem, self.runs_of(job_id), now))
 
     def job_if_known(self, job_id: str) -> None:
         """Raise ``LookupError`` unless ``job_id`` is a job or appears in the run log."""
@@ -472,8 +563,11 @@ class SchedulerHarness:
     def _describe_running(self) -> list[str]:
         lines = []
         for run in self.runs:
-            if run.outcome == "running":
-                lines.append(f"job {run.job_id!r} (scheduled {run.scheduled.isoformat()})")
+            if run.outcome == "running" and run.replica == self.replica:
+                replica = f" on replica {run.replica}" if run.replica else ""
+                lines.append(
+                    f"job {run.job_id!r}{replica} (scheduled {run.scheduled.isoformat()})"
+                )
         for task in self._job_tasks():
             lines.append(f"  task {task.get_name()} awaits {_awaited(task)}")
         return lines
@@ -495,6 +589,9 @@ class SchedulerHarness:
             return
         from apscheduler.schedulers.base import STATE_STOPPED, BaseScheduler
 
+        if self._replica_set is not None:
+            self._replica_set.close()
+            self._replica_set = None
         tasks = self._job_tasks()
         loop = scheduler._eventloop
         if scheduler.state != STATE_STOPPED:
@@ -504,6 +601,9 @@ class SchedulerHarness:
         scheduler._eventloop = None
         _finish_tasks(loop, tasks)
         scheduler.remove_listener(self._on_event)
+        for executor in self._labelled:
+            vars(executor).pop("_do_submit_job", None)
+        self._labelled.clear()
         if self._snapshot is not None:
             self._snapshot.restore(scheduler)
 
@@ -513,6 +613,10 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Ta
         task.cancel()
     if tasks and loop is not None and not loop.is_closed() and not loop.is_running():
         loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+
+
+def _runs(count: int) -> str:
+    return f"{count} run" if count == 1 else f"{count} runs"
 
 
 def _utc(instant: dt.datetime) -> dt.datetime:

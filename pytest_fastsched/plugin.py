@@ -25,9 +25,23 @@ SETTINGS_KEY = pytest.StashKey["_options.Settings"]()
 def pytest_addoption(parser: pytest.Parser) -> None:
     group = parser.getgroup("fastsched", "pytest-fastsched: virtual time for APScheduler jobs")
     for option in _options.OPTIONS:
-        group.addoption(
-            option.cli_name, dest=option.ini_name, default=None, metavar="VALUE", help=option.help
-        )
+        if option.flag:
+            group.addoption(
+                option.cli_name,
+                dest=option.ini_name,
+                action="store_const",
+                const="true",
+                default=None,
+                help=option.help,
+            )
+        else:
+            group.addoption(
+                option.cli_name,
+                dest=option.ini_name,
+                default=None,
+                metavar="VALUE",
+                help=option.help,
+            )
         parser.addini(option.ini_name, help=option.help, default=option.default)
 
 
@@ -135,8 +149,9 @@ def fastsched_scheduler(
 
     The scheduler comes from the ini option ``fastsched_scheduler`` (``module:attr``); a test
     or fixture may instead call ``fastsched_scheduler.attach(scheduler)`` before the first
-    ``advance()``. It is started on virtual time at the first clock call and shut down after
-    the test, with its jobs cancelled.
+    ``advance()``. It is started on the test's loop when the test starts, paused until the
+    first clock call (a job due at the start instant fires inside that call), and shut down
+    after the test, with its jobs cancelled and its job stores restored.
     """
     from pytest_fastsched._scheduler import SchedulerHarness
 
@@ -335,3 +350,224 @@ async def fastsched_client(
         fastsched_app, fastsched_clock, fastsched_scheduler, name=name
     ) as client:
         yield client
+
+
+# --- schema ---
+# The hook that builds what fastsched_metadata and fastsched_alembic cannot, and the report
+# line of the schema settings. The logic lives in _schema.py, which imports SQLAlchemy.
+
+import os  # noqa: E402
+
+if TYPE_CHECKING:
+    from sqlalchemy.engine import Connection
+
+
+class _SchemaHookspecs:
+    """The hooks pytest-fastsched calls: implement them in a ``conftest.py`` or a plugin."""
+
+    @pytest.hookspec
+    def pytest_fastsched_create_schema(self, connection: Connection, dialect: str) -> None:
+        """Finish the schema of a new test database: run any DDL, insert seed rows.
+
+        Called once per test database (once per test session; per xdist worker on SQLite,
+        once for the template the workers' PostgreSQL databases are copied from), after
+        ``fastsched_alembic`` or ``fastsched_metadata`` built their schema, in a transaction
+        that commits when every implementation has returned. ``connection`` is a synchronous
+        ``sqlalchemy.engine.Connection`` (``connection.execute(text(...))``, no await);
+        ``dialect`` is ``"sqlite"`` or ``"postgresql"``. Rows of tables listed in
+        ``fastsched_seed_tables`` stay in place across tests under both isolation modes.
+        """
+
+
+def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
+    pluginmanager.add_hookspecs(_SchemaHookspecs)
+
+
+@pytest.hookimpl(specname="pytest_report_header")
+def pytest_report_header_schema(config: pytest.Config) -> list[str]:
+    settings = config.stash[SETTINGS_KEY]
+    shown = {
+        "alembic": settings.alembic and os.path.relpath(settings.alembic, config.rootpath),
+        "tables": " ".join(settings.tables),
+        "extensions": " ".join(settings.extensions),
+        "seed_tables": " ".join(settings.seed_tables),
+    }
+    if not any(shown.values()):
+        return []
+    values = ", ".join(f"{key}={value or '-'}" for key, value in shown.items())
+    return [f"fastsched schema: {values}"]
+
+
+# --- history ---
+# fastsched_history (status transitions of the tracked tables, with the job run of each write)
+# and the --fastsched-timeline report. The logic lives in _history.py, which imports
+# SQLAlchemy, and _asserts.py (the failure messages and the report).
+
+if TYPE_CHECKING:
+    from pytest_fastsched._history import History
+
+TIMELINE_SECTION = "fastsched timeline"
+
+
+@pytest.hookimpl(specname="pytest_report_header")
+def pytest_report_header_history(config: pytest.Config) -> list[str]:
+    settings = config.stash[SETTINGS_KEY]
+    if not settings.track and not settings.timeline:
+        return []
+    tracked = " ".join(
+        ":".join([spec.table, spec.status, spec.error or "", *spec.others]).rstrip(":")
+        for spec in settings.track
+    )
+    timeline = "on" if settings.timeline else "off"
+    return [f"fastsched history: track={tracked or '-'}, timeline={timeline}"]
+
+
+@pytest.fixture
+def _fastsched_history_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
+    """The test's ``fastsched_clock`` when it uses one: the history then reads virtual time."""
+    if "fastsched_clock" in request.fixturenames:
+        clock: VirtualClock = request.getfixturevalue("fastsched_clock")
+        return clock
+    return None
+
+
+@pytest_asyncio.fixture
+async def fastsched_history(
+    request: pytest.FixtureRequest,
+    fastsched_db: Database,
+    _fastsched_history_clock: VirtualClock | None,
+) -> AsyncIterator[History]:
+    """Every write to the status column of the tracked tables' rows during the test.
+
+    Tracked: each table with a ``status`` column (with ``last_error`` when it has one), and
+    the tables named by ``fastsched_track`` or ``@pytest.mark.fastsched(track=...)``. Each
+    record holds the row's status before and after the write, the error column and the other
+    named columns, the virtual time, and the job run that wrote it (or ``test``); writes
+    rolled back to a savepoint stay, marked ``rolled_back``. Assert with
+    ``assert_transitions``, ``assert_status``, ``assert_all`` and ``assert_processed_once``;
+    ``timeline(table, key)`` returns a row's records.
+
+    An async fixture on the loop of ``fastsched_db``.
+    """
+    from pytest_fastsched import _history
+
+    settings = settings_of(request)
+    marker = _options.marker_options(request.node)
+    configured = [(spec, "fastsched_track") for spec in settings.track]
+    configured += [(spec, "@pytest.mark.fastsched(track=...)") for spec in marker.track or ()]
+    async with _history.record(fastsched_db, configured, _fastsched_history_clock) as history:
+        yield history
+
+
+@pytest.hookimpl(specname="pytest_runtest_makereport", wrapper=True)
+def pytest_runtest_makereport_history(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    report = yield
+    if report.when != "call" or not item.config.stash[SETTINGS_KEY].timeline:
+        return report
+    if not report.failed and item.config.get_verbosity() <= 0:
+        return report
+    values: dict[str, Any] = getattr(item, "funcargs", {})
+    history = values.get("fastsched_history")
+    harness = values.get("fastsched_scheduler")
+    if history is None and harness is None:
+        return report
+    from pytest_fastsched import _asserts
+
+    text = _asserts.timeline_report(history, harness.runs if harness is not None else [])
+    if text is not None:
+        report.sections.append((TIMELINE_SECTION, text))
+    return report
+
+
+@pytest.hookimpl(specname="pytest_terminal_summary")
+def pytest_terminal_summary_history(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config
+) -> None:
+    # The timelines of failing tests are shown with their failure; with -v, the others here.
+    if not config.stash[SETTINGS_KEY].timeline or config.get_verbosity() <= 0:
+        return
+    shown = [
+        (report.nodeid, content)
+        for report in terminalreporter.stats.get("passed", [])
+        for name, content in getattr(report, "sections", [])
+        if name == TIMELINE_SECTION
+    ]
+    if not shown:
+        return
+    terminalreporter.write_sep("=", TIMELINE_SECTION)
+    for nodeid, content in shown:
+        terminalreporter.write_sep("-", nodeid)
+        terminalreporter.write_line(content)
+
+
+# --- replicas and faults ---
+# @pytest.mark.fastsched(replicas=N): N copies of the app's scheduler on the test's clock. The
+# logic lives in _replicas.py (imported by the scheduler harness when replicas are asked for).
+
+
+@pytest.fixture(autouse=True)
+def _fastsched_replicas(request: pytest.FixtureRequest) -> None:
+    """Run the replicas the ``fastsched`` marker asks for (``replicas=N``)."""
+    if request.node.get_closest_marker("fastsched") is None:
+        return
+    replicas = _options.marker_options(request.node).replicas
+    if replicas > 1:
+        harness: SchedulerHarness = request.getfixturevalue("fastsched_scheduler")
+        node = request.node
+
+        def engine() -> Any:
+            database = node.stash.get(DATABASE_OF_TEST_KEY, None)
+            return None if database is None else database.engine
+
+        harness.use_replicas(replicas, engine=engine)
+
+
+REPLICAS_SECTION = "fastsched replicas"
+
+
+@pytest.hookimpl(specname="pytest_runtest_makereport", wrapper=True)
+def pytest_runtest_makereport_replicas(
+    item: pytest.Item, call: pytest.CallInfo[None]
+) -> Generator[None, pytest.TestReport, pytest.TestReport]:
+    # A failing test with replicas shows which replica ran which job run.
+    report = yield
+    if report.when != "call" or not report.failed:
+        return report
+    harness = getattr(item, "funcargs", {}).get("fastsched_scheduler")
+    if harness is None or harness.replica_count < 2:
+        return report
+    from pytest_fastsched import _replicas
+
+    report.sections.append((REPLICAS_SECTION, _replicas.report(harness.runs)))
+    return report
+
+
+if TYPE_CHECKING:
+    from pytest_fastsched._faults import Faults
+
+
+@pytest.fixture
+def fastsched_faults(request: pytest.FixtureRequest, fastsched_db: Database) -> Iterator[Faults]:
+    """Database faults: ``fail(pattern, nth=1, times=1, error="operational")``.
+
+    The ``nth`` statement whose SQL matches ``pattern`` (and ``times - 1`` after it) fails
+    with the driver's own error: ``"operational"``, ``"serialization"`` (PostgreSQL) or
+    ``"disconnect"`` (commit isolation). Faults end with the test; one that never fired fails
+    it.
+    """
+    from pytest_fastsched import _faults
+
+    clock = (
+        request.getfixturevalue("fastsched_clock")
+        if "fastsched_clock" in (request.fixturenames)
+        else None
+    )
+    now = clock.now if clock is not None else _faults.real_now
+    faults = _faults.Faults(fastsched_db.engine, fastsched_db.dialect, fastsched_db.isolation, now)
+    try:
+        yield faults
+    finally:
+        never_fired = faults.close()
+    _faults.fail_never_fired(never_fired)

@@ -347,7 +347,7 @@ def test_the_user_suite_shares_the_test_database_and_needs_the_app(
     result.assert_outcomes(errors=1, deselected=2)
     result.stdout.fnmatch_lines(
         [
-            "E *pytest.UsageError: fastsched_client needs the app: set the ini option "
+            "E *UsageError: fastsched_client needs the app: set the ini option "
             "fastsched_app = 'module:attr' (e.g. 'app.main:app') or pass "
             f"--fastsched-app module:attr. See {DOCS}",
         ]

@@ -547,3 +547,20 @@ async def test_watchdog_names_a_job_that_never_finishes(
         "Still running:\n"
         "  job 'stuck' (scheduled 2030-01-01T00:01:00+00:00)\n"
     )
+
+
+async def test_a_job_due_at_the_start_instant_fires_at_the_first_clock_call(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    fired: list[dt.datetime] = []
+
+    async def at_start() -> None:
+        fired.append(dt.datetime.now(UTC))
+
+    scheduler.add_job(at_start, "cron", minute=0, id="hourly")
+    await asyncio.sleep(0)
+    await asyncio.sleep(0)
+    assert fired == []
+    assert scheduler.running
+    await fastsched_clock.run_until_idle()
+    assert fired == [START]

@@ -22,5 +22,7 @@ def test_ci_runs_the_readme_test_command_verbatim() -> None:
 
 def test_try_it_runs_the_reference_app_suite() -> None:
     (command,) = _commands_after("Try it")
-    assert command.endswith(".venv/bin/python -m pytest examples/reference_app -v -p no:randomly")
+    assert command.endswith(
+        ".venv/bin/python -m pytest examples/reference_app -v -p no:randomly --fastsched-timeline"
+    )
     assert (ROOT / "examples" / "reference_app" / "tests").is_dir()

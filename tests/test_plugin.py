@@ -217,13 +217,13 @@ def test_command_line_beats_ini(pytester: pytest.Pytester) -> None:
     [
         (
             "nowhere.app:scheduler",
-            "E*pytest.UsageError: fastsched_scheduler = 'nowhere.app:scheduler': cannot import "
+            "E*UsageError: fastsched_scheduler = 'nowhere.app:scheduler': cannot import "
             "module 'nowhere.app' (No module named 'nowhere'). Check the path and that the app "
             "is importable from the test run's rootdir.",
         ),
         (
             "app_scheduler:sched",
-            "E*pytest.UsageError: fastsched_scheduler = 'app_scheduler:sched': module "
+            "E*UsageError: fastsched_scheduler = 'app_scheduler:sched': module "
             "'app_scheduler' has no attribute 'sched'. Check the name after the ':'.",
         ),
     ],
@@ -242,17 +242,17 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
     [
         (
             "@pytest.mark.fastsched(stat='2030-01-01T00:00:00+00:00')",
-            "E*pytest.UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
-            "'stat'; valid: start, isolation, job_errors",
+            "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
+            "'stat'; valid: start, isolation, job_errors, track, replicas",
         ),
         (
             "@pytest.mark.fastsched(isolation='nested')",
-            "E*pytest.UsageError: @pytest.mark.fastsched(isolation='nested') is not valid: use "
+            "E*UsageError: @pytest.mark.fastsched(isolation='nested') is not valid: use "
             "one of 'rollback', 'commit'",
         ),
         (
             "@pytest.mark.fastsched('2030')",
-            "E*pytest.UsageError: @pytest.mark.fastsched takes keyword arguments only, got "
+            "E*UsageError: @pytest.mark.fastsched takes keyword arguments only, got "
             "('2030',) on test_user.py::test_fires",
         ),
     ],

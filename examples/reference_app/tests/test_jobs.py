@@ -31,7 +31,7 @@ async def test_pending_items_complete_at_the_first_run(
 
 
 async def test_one_bad_row_ends_in_error_and_the_batch_goes_on(
-    fastsched_clock, fastsched_db, jobs, add_items, monkeypatch
+    fastsched_clock, fastsched_db, fastsched_history, jobs, add_items, monkeypatch
 ):
     real_enrich = processing.enrich
 
@@ -48,6 +48,11 @@ async def test_one_bad_row_ends_in_error_and_the_batch_goes_on(
         "RuntimeError: upstream said no"
     )
     assert jobs.runs_of(PROCESS_PENDING_JOB_ID)[0].outcome == "success"
+    fastsched_history.assert_transitions("items", ids[1], ["pending", "processing", "error"])
+    fastsched_history.assert_status(
+        "items", ids[1], "error", last_error="RuntimeError: upstream said no"
+    )
+    fastsched_history.assert_status("items", ids[0], "completed", last_error=None)
 
 
 async def test_twelve_items_with_limit_five_need_three_runs(
@@ -76,7 +81,7 @@ async def test_nightly_retry_fires_at_midnight_across_the_dst_change(
 
 @pytest.mark.fastsched(isolation="commit")
 async def test_failed_item_is_retried_by_the_nightly_job(
-    fastsched_clock, fastsched_db, jobs, add_items
+    fastsched_clock, fastsched_db, fastsched_history, jobs, add_items
 ):
     ids = await add_items({"fail": "bad input"})
     await fastsched_clock.advance(minutes=5)
@@ -85,6 +90,9 @@ async def test_failed_item_is_retried_by_the_nightly_job(
     midnight = dt.datetime(2030, 1, 2, tzinfo=BERLIN)
     await fastsched_clock.advance_to(midnight)
     assert RETRY_FAILED_JOB_ID in [run.job_id for run in jobs.runs if run.scheduled == midnight]
+    back_to_pending = fastsched_history.timeline("items", ids[0])[3]
+    assert (back_to_pending.status, back_to_pending.job_id) == ("pending", RETRY_FAILED_JOB_ID)
+    fastsched_history.assert_processed_once("items")
 
 
 async def test_one_off_job_fires_once_at_its_time(fastsched_clock, fastsched_db, jobs, add_items):

@@ -1,0 +1,44 @@
+"""The common, naive processing job: kept for the replicas demo, never scheduled by the app.
+
+It reads the ``pending`` ids in one session, then moves each item to ``processing`` in a later
+session with an unconditional update::
+
+    SELECT id FROM items WHERE status = 'pending' ORDER BY id LIMIT :limit
+    UPDATE items SET status = 'processing', attempts = attempts + 1 WHERE id = :id
+
+Between the two, another replica reads the same ids: both process every item. On one server it
+looks correct; with two replicas each item is processed twice (its ``attempts`` reaches 2 and
+``fastsched_history`` sees ``processing -> processing``). Compare
+:func:`reference_app.processing.process_pending_items`, whose claim is conditional.
+"""
+
+from __future__ import annotations
+
+from sqlalchemy import select, update
+
+from reference_app.models import COMPLETED, PENDING, PROCESSING, Item, utc_now
+from reference_app.processing import enrich
+from reference_app.session import get_background_session
+
+
+async def process_pending_items_naively(limit: int = 5) -> list[int]:
+    """Process up to ``limit`` pending items, without claiming them; return their ids."""
+    query = select(Item.id).where(Item.status == PENDING).order_by(Item.id).limit(limit)
+    async with get_background_session() as session:
+        ids = list(await session.scalars(query))
+    for item_id in ids:
+        async with get_background_session() as session:
+            await session.execute(
+                update(Item)
+                .where(Item.id == item_id)
+                .values(status=PROCESSING, attempts=Item.attempts + 1, updated_at=utc_now())
+            )
+        async with get_background_session() as session:
+            payload = await session.scalar(select(Item.payload).where(Item.id == item_id))
+        async with get_background_session() as session:
+            await session.execute(
+                update(Item)
+                .where(Item.id == item_id)
+                .values(status=COMPLETED, data=enrich(payload), processed_at=utc_now())
+            )
+    return ids
