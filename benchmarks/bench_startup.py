@@ -14,7 +14,7 @@ import tempfile
 import time
 from pathlib import Path
 
-RUNS = 15
+RUNS = 40
 
 
 def _make_suite(root: Path) -> None:
