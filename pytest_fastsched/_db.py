@@ -27,9 +27,11 @@ import asyncio
 import contextlib
 import dataclasses
 import importlib
+import os
 import re
 import secrets
 import shutil
+import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
@@ -334,10 +336,12 @@ class _PostgresLocation:
             connection = await _connect(admin)
             try:
                 await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
+                await _drop_stale_databases(connection)
                 await self._create_template(connection, schema)
                 await connection.exec_driver_sql(
                     f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
                 )
+                await _mark_owner(connection, self.name)
             finally:
                 await connection.close()  # which releases the advisory lock
         finally:
@@ -350,6 +354,7 @@ class _PostgresLocation:
         if exists:
             return
         await admin.exec_driver_sql(f"CREATE DATABASE {_quote(self.template)}")
+        await _mark_owner(admin, self.template)
         engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
         try:
             await schema.build(engine)
@@ -363,6 +368,46 @@ class _PostgresLocation:
         """Drop this process's database (and the run's template) from the server."""
         names = [self.name, self.template] if template else [self.name]
         _postgres._run_in_fresh_loop(_drop_databases(self.admin_url, names))
+
+
+# Scratch databases carry their creator in a comment, so that a later run can drop the ones
+# whose process was killed before it could drop them itself.
+_OWNER_PREFIX = "pytest-fastsched scratch database of "
+
+
+async def _mark_owner(admin: AsyncConnection, name: str) -> None:
+    owner = f"{_OWNER_PREFIX}{socket.gethostname()}:{os.getpid()}"
+    await admin.exec_driver_sql(f"COMMENT ON DATABASE {_quote(name)} IS '{owner}'")
+
+
+async def _drop_stale_databases(admin: AsyncConnection) -> None:
+    """Drop scratch databases left by killed runs: made on this host by a process now gone."""
+    rows = await admin.execute(
+        text(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE datname LIKE 'fastsched\\_%'"
+        )
+    )
+    for name, comment in rows.all():
+        if _stale(str(comment or "")):
+            await _drop_database(admin, name)
+
+
+def _stale(comment: str) -> bool:
+    if not comment.startswith(_OWNER_PREFIX):
+        return False  # not ours, or made before scratch databases were marked
+    host, _, pid = comment.removeprefix(_OWNER_PREFIX).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 def _template_name(run_id: str) -> str:

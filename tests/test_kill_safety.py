@@ -10,6 +10,7 @@ import asyncio
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -159,6 +160,41 @@ def test_a_killed_run_leaves_nothing_in_the_named_database(
     assert rows == [(committed,)]
     _run_again(pytester, isolation)
     assert _query(kill_server.dsn(user_database), USER_TABLES) == []
+    # The next run dropped the scratch databases of the killed one, and its own.
+    assert _query(kill_server.dsn(), SCRATCH_DATABASES) == []
+
+
+def test_scratch_databases_of_live_or_foreign_runs_are_left_alone(
+    kill_server: EphemeralPostgres, user_database: str
+) -> None:
+    owners = {
+        "fastsched_live_main": f"{socket.gethostname()}:{os.getpid()}",
+        "fastsched_other_host_main": "elsewhere.example:1",
+        "fastsched_unmarked_main": None,
+    }
+    for name, owner in owners.items():
+        kill_server.create_database(name)
+        if owner is not None:
+            comment = f"pytest-fastsched scratch database of {owner}"
+            _query(kill_server.dsn(), f"COMMENT ON DATABASE {name} IS '{comment}'")
+    pytester_free_run = [sys.executable, "-c", _DROP_STALE]
+    subprocess.run([*pytester_free_run, kill_server.url()], check=True)
+    names = {str(row[0]) for row in _query(kill_server.dsn(), SCRATCH_DATABASES)}
+    assert set(owners) <= names
+
+
+_DROP_STALE = """
+import asyncio, sys
+from pytest_fastsched import _db
+
+async def main():
+    engine = _db._admin_engine(_db.asyncpg_url(sys.argv[1]))
+    async with engine.connect() as connection:
+        await _db._drop_stale_databases(connection)
+    await engine.dispose()
+
+asyncio.run(main())
+"""
 
 
 @pytest.fixture
