@@ -594,6 +594,10 @@ class SchedulerHarness:
             self._replica_set = None
         tasks = self._job_tasks()
         loop = scheduler._eventloop
+        if loop is None or loop.is_closed():
+            # The test's loop is gone (and its tasks with it): nothing left to cancel there.
+            for executor in scheduler._executors.values():
+                getattr(executor, "_pending_futures", set()).clear()
         if scheduler.state != STATE_STOPPED:
             # AsyncIOScheduler.shutdown() defers to the loop; do its work synchronously.
             BaseScheduler.shutdown(scheduler, wait=False)
@@ -609,6 +613,8 @@ class SchedulerHarness:
 
 
 def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Task[Any]]) -> None:
+    if loop is None or loop.is_closed():
+        return
     for task in tasks:
         task.cancel()
     if tasks and loop is not None and not loop.is_closed() and not loop.is_running():

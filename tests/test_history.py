@@ -385,14 +385,14 @@ def test_bad_input_is_a_clear_error(history_suite: pytest.Pytester) -> None:
     result.assert_outcomes(passed=2, errors=3)
     result.stdout.fnmatch_lines(
         [
-            "E   pytest.UsageError: @pytest.mark.fastsched(track=...): table 'items' has no "
+            "E   *UsageError: @pytest.mark.fastsched(track=...): table 'items' has no "
             "column 'state' (its columns: id, status, last_error). "
             "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
-            "E   pytest.UsageError: @pytest.mark.fastsched(track=...) names the table "
+            "E   *UsageError: @pytest.mark.fastsched(track=...) names the table "
             "'nowhere', which the test database does not have (tables: documents, domains, "
             "events, items, notes, pairs). "
             "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
-            "E   pytest.UsageError: @pytest.mark.fastsched(track=['items']) is not valid: give "
+            "E   *UsageError: @pytest.mark.fastsched(track=[[]'items']) is not valid: give "
             "a dict of table name to its status column, or to a tuple (status column, error "
             "column or None, other columns...), e.g. track={'domains': "
             "('domain_extraction_status', 'domain_extraction_error')}",

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 from reference_app.scheduler import PROCESS_PENDING_JOB_ID
 
@@ -49,7 +51,8 @@ async def test_a_failed_store_ends_in_error_and_the_batch_goes_on(
     await fastsched_clock.advance(minutes=5)
     assert await statuses(fastsched_db, ids) == ["completed", "error", "completed"]
     last_error = await fastsched_db.value_of("items", ids[1], "last_error")
-    assert last_error.splitlines()[0] == expected
+    # Older SQLAlchemy releases also name the driver's exception class in the message.
+    assert re.sub(r"<class '[^']+'>: ", "", last_error.splitlines()[0]) == expected
     assert fault.fired == 1
     assert jobs.runs_of(PROCESS_PENDING_JOB_ID)[0].outcome == "success"
     fastsched_history.assert_transitions("items", ids[1], ["pending", "processing", "error"])
