@@ -14,11 +14,16 @@ looks correct; with two replicas each item is processed twice (its ``attempts`` 
 
 from __future__ import annotations
 
+import asyncio
+
 from sqlalchemy import select, update
 
 from reference_app.models import COMPLETED, PENDING, PROCESSING, Item, utc_now
 from reference_app.processing import enrich
 from reference_app.session import get_background_session
+
+UPSTREAM_LATENCY_SECONDS = 0.2
+"""The wait for an upstream service between reading the batch and working on it."""
 
 
 async def process_pending_items_naively(limit: int = 5) -> list[int]:
@@ -26,6 +31,7 @@ async def process_pending_items_naively(limit: int = 5) -> list[int]:
     query = select(Item.id).where(Item.status == PENDING).order_by(Item.id).limit(limit)
     async with get_background_session() as session:
         ids = list(await session.scalars(query))
+    await asyncio.sleep(UPSTREAM_LATENCY_SECONDS)
     for item_id in ids:
         async with get_background_session() as session:
             await session.execute(
