@@ -397,17 +397,7 @@ def _stale(comment: str) -> bool:
     if not comment.startswith(_OWNER_PREFIX):
         return False  # not ours, or made before scratch databases were marked
     host, _, pid = comment.removeprefix(_OWNER_PREFIX).rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _alive(int(pid))
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+    return host == socket.gethostname() and pid.isdigit() and not _postgres._pid_alive(int(pid))
 
 
 def _template_name(run_id: str) -> str:
