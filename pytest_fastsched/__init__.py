@@ -15,6 +15,7 @@ __all__ = [
     "HistoryRecord",
     "JobRun",
     "JobRunError",
+    "PreparedStatementLeak",
     "SchedulerHarness",
     "VirtualClock",
     "assert_all",
@@ -35,6 +36,7 @@ if TYPE_CHECKING:
     from pytest_fastsched._clock import VirtualClock
     from pytest_fastsched._db import Database, DatabaseGuardError
     from pytest_fastsched._history import History, HistoryRecord
+    from pytest_fastsched._prepared import PreparedStatementLeak
     from pytest_fastsched._scheduler import JobRun, JobRunError, SchedulerHarness
 
 
@@ -56,6 +58,10 @@ def __getattr__(name: str) -> object:
         from pytest_fastsched import _history
 
         return getattr(_history, name)
+    if name == "PreparedStatementLeak":
+        from pytest_fastsched._prepared import PreparedStatementLeak
+
+        return PreparedStatementLeak
     if name in _ASSERTIONS:
         from pytest_fastsched import _asserts
 

@@ -35,12 +35,12 @@ import socket
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import MetaData, Table, event, insert, inspect, select, text
 from sqlalchemy.engine import Connection, Engine, make_url
-from sqlalchemy.exc import NoSuchTableError
+from sqlalchemy.exc import ArgumentError, NoSuchTableError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -51,6 +51,9 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.pool import NullPool
 
 from pytest_fastsched import _options, _postgres, _schema
+
+if TYPE_CHECKING:
+    from pytest_fastsched._prepared import PreparedStatementLeak, PreparedStatementMonitor
 
 RUN_ID_INPUT = "fastsched_run_id"
 SERVER_INPUT = "fastsched_postgres_directory"
@@ -525,6 +528,8 @@ class Databases:
         self._ready = False
         self.sessionmaker: async_sessionmaker[Any] | None = None
         self.metadata: MetaData | None = None
+        self._engine_options_source: object = None
+        self.engine_options: dict[str, Any] = {}
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
         self._app_listeners: list[tuple[Engine, str, Callable[..., None]]] = []
         self.active: _TestState | None = None
@@ -559,6 +564,10 @@ class Databases:
                 self.metadata = _check_metadata(
                     _options.resolve(settings.metadata, "fastsched_metadata"), settings.metadata
                 )
+            if settings.engine_options is not None:
+                self._engine_options_source = _options.resolve(
+                    settings.engine_options, "fastsched_engine_options"
+                )
         except pytest.UsageError as error:
             raise _fail(str(error)) from None
         self.schema = _schema.Schema.from_settings(settings, self.metadata, self._schema_hook)
@@ -572,6 +581,10 @@ class Databases:
         else:
             location = _PostgresLocation(self._admin_url(), self._run_id, self.worker)
         self._location = location
+        if self.settings.engine_options is not None:
+            self.engine_options = _check_engine_options(
+                self._engine_options_source, self.settings.engine_options, location.url
+            )
         await location.create(self.schema)
         await self.seeds.snapshot((await self.engine()).engine)
 
@@ -608,11 +621,20 @@ class Databases:
         loop = asyncio.get_running_loop()
         entry = self._engines.get(loop)
         if entry is None:
-            engine = create_engine(self.url)
+            engine = self._create_test_engine()
             keeper = self._dispose_at_loop_end(loop, engine)
             await keeper.__anext__()
             entry = self._engines[loop] = _LoopEngine(engine, _Guard(engine), keeper)
         return entry
+
+    def _create_test_engine(self) -> AsyncEngine:
+        try:
+            return create_engine(self.url, **self.engine_options)
+        except (TypeError, ValueError, ArgumentError) as error:
+            raise _fail(
+                f"fastsched_engine_options = {self.settings.engine_options!r}: "
+                f"create_async_engine() rejected the options: {type(error).__name__}: {error}"
+            ) from None
 
     async def _dispose_at_loop_end(
         self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine
@@ -627,8 +649,17 @@ class Databases:
     # -- one test
 
     @contextlib.asynccontextmanager
-    async def open_test(self, isolation: _options.IsolationMode) -> AsyncIterator[Database]:
-        """Bind the app's sessionmaker to the test database for the duration of one test."""
+    async def open_test(
+        self,
+        isolation: _options.IsolationMode,
+        prepared_statements: _options.PreparedStatementMode = "ignore",
+    ) -> AsyncIterator[Database]:
+        """Bind the app's sessionmaker to the test database for the duration of one test.
+
+        With ``prepared_statements`` other than ``"ignore"`` on PostgreSQL, the named
+        prepared statements of the test's connections are read as it runs
+        (:mod:`pytest_fastsched._prepared`), a last time before the test's data is undone.
+        """
         __tracebackhide__ = True
         await self.setup()
         entry = await self.engine()
@@ -638,7 +669,23 @@ class Databases:
         else:
             opened = self._open_commit(entry, loop)
         async with opened as database:
-            yield database
+            if prepared_statements == "ignore" or self.dialect != "postgresql":
+                database.prepared_statements_mode = prepared_statements
+                yield database
+                return
+            from pytest_fastsched import _prepared
+
+            connection = database.test_connection
+            monitor = _prepared.PreparedStatementMonitor(
+                entry.engine if connection is None else connection
+            )
+            database.prepared_statements_mode = prepared_statements
+            database.monitor = monitor
+            with monitor.watching():
+                try:
+                    yield database
+                finally:
+                    await monitor.read_all()
 
     @contextlib.asynccontextmanager
     async def _open_rollback(
@@ -760,6 +807,44 @@ def _check_metadata(metadata: object, path: str) -> MetaData:
     )
 
 
+_FOREIGN_CONNECTIONS = ("creator", "async_creator")
+
+
+def _check_engine_options(source: object, path: str, url: str) -> dict[str, Any]:
+    """The test engine's options from ``fastsched_engine_options``: a dict or a function."""
+    shown = f"fastsched_engine_options = {path!r}"
+    options = source
+    if callable(source):
+        try:
+            options = source(url)
+        except Exception as error:
+            raise _fail(
+                f"{shown}: calling it with the test database's URL raised "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise _fail(
+            f"{shown} gave {_describe(options)}: give a dict of create_async_engine() keyword "
+            "arguments, or a function of the database URL that returns one, e.g. "
+            "{'connect_args': {'statement_cache_size': 0}}."
+        )
+    for key in _FOREIGN_CONNECTIONS:
+        if key in options:
+            raise _fail(
+                f"{shown} sets {key!r}: its connections would not go to the test database. "
+                "Leave it out of the options the tests get; the plugin connects to the test "
+                "database itself."
+            )
+    execution = options.get("execution_options") or {}
+    if "AUTOCOMMIT" in (options.get("isolation_level"), execution.get("isolation_level")):
+        raise _fail(
+            f"{shown} sets isolation_level='AUTOCOMMIT': every statement would commit at "
+            "once, out of reach of the test's isolation. Leave it out of the options the "
+            "tests get, and use an AUTOCOMMIT connection only where the app needs one."
+        )
+    return dict(options)
+
+
 def _describe(value: object) -> str:
     if isinstance(value, type):
         return f"the class {value.__module__}.{value.__qualname__}"
@@ -794,6 +879,13 @@ class Database:
         self._default_maker: async_sessionmaker[AsyncSession] | None = None
         self.engine = engine
         """The engine of the test database on this test's loop (for commit isolation)."""
+        self.prepared_statements_mode: _options.PreparedStatementMode = "ignore"
+        self.monitor: PreparedStatementMonitor | None = None
+
+    @property
+    def test_connection(self) -> AsyncConnection | None:
+        """The one connection of a rollback-isolated test; ``None`` under commit isolation."""
+        return self._connection
 
     @property
     def url(self) -> str:
@@ -903,6 +995,61 @@ class Database:
         else:
             async with self._connection.begin_nested():
                 yield self._connection
+
+    # -- named prepared statements (pytest_fastsched._prepared)
+
+    async def prepared_statement_leaks(self) -> list[PreparedStatementLeak]:
+        """The app's named prepared statements that would break behind a transaction pooler.
+
+        PostgreSQL only, and only when the test records them: ``fastsched_prepared_statements
+        = check`` or ``record``, or ``@pytest.mark.fastsched(prepared_statements=...)``. Each
+        :class:`~pytest_fastsched.PreparedStatementLeak` names the statement, its SQL, the
+        ``reason`` (``"reused"`` by a later transaction, or a ``"shared name"`` other
+        connections make too) and the job run (or code outside job runs) concerned.
+        """
+        __tracebackhide__ = True
+        monitor = self._monitor()
+        await monitor.read_all()
+        return monitor.leaks
+
+    async def assert_no_prepared_statement_leaks(self) -> None:
+        """Fail with the list of leaks when :meth:`prepared_statement_leaks` finds any."""
+        __tracebackhide__ = True
+        leaks = await self.prepared_statement_leaks()
+        monitor = self._monitor()
+        if leaks or monitor.errors:
+            raise AssertionError(self._prepared_report())
+
+    def check_prepared_statements(self) -> None:
+        """Fail the test after it ran if it found leaks (``prepared_statements = check``)."""
+        __tracebackhide__ = True
+        monitor = self.monitor
+        if self.prepared_statements_mode != "check" or monitor is None:
+            return
+        if monitor.leaks or monitor.errors:
+            raise _fail(self._prepared_report())
+
+    def _prepared_report(self) -> str:
+        from pytest_fastsched import _prepared
+
+        monitor = self._monitor()
+        engine_options = self._databases.settings.engine_options
+        return _prepared.report(monitor.leaks, monitor.errors, engine_options)
+
+    def _monitor(self) -> PreparedStatementMonitor:
+        if self.dialect != "postgresql":
+            raise _fail(
+                "fastsched_db: named prepared statements are a PostgreSQL matter (SQLite has "
+                "none): run this test with fastsched_database = postgresql (or a PostgreSQL "
+                "URL) to check them."
+            )
+        if self.monitor is None:
+            raise _fail(
+                "fastsched_db: the prepared statements were not recorded in this test: mark it "
+                "@pytest.mark.fastsched(prepared_statements='record') (or 'check', which also "
+                "fails the test on a leak), or set fastsched_prepared_statements for the suite."
+            )
+        return self.monitor
 
     def raise_guard_errors(self) -> None:
         """Raise the first guard error of the test (called after a test that passed)."""

@@ -22,11 +22,13 @@ DOCS = "https://github.com/pytest-fastsched/pytest-fastsched#configuration"
 CLOCK_BACKENDS = ("freezegun", "time-machine")
 ISOLATION_MODES = ("rollback", "commit")
 JOB_ERROR_MODES = ("raise", "record")
+PREPARED_STATEMENT_MODES = ("ignore", "check", "record")
 DEFAULT_START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 ClockBackendName = Literal["freezegun", "time-machine"]
 IsolationMode = Literal["rollback", "commit"]
 JobErrorMode = Literal["raise", "record"]
+PreparedStatementMode = Literal["ignore", "check", "record"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +72,19 @@ OPTIONS: tuple[Option, ...] = (
         "seed_tables",
         "tables of seed data the schema step fills: commit isolation restores their rows "
         "instead of emptying them, separated by spaces or commas",
+    ),
+    Option(
+        "engine_options",
+        "keyword arguments of create_async_engine() for the test engine, as 'module:attr': a "
+        "dict, or a function of the test database's URL that returns one (the app's own "
+        "engine options, such as its asyncpg connect_args)",
+    ),
+    Option(
+        "prepared_statements",
+        "PostgreSQL: 'check' fails a test whose named prepared statements would break behind "
+        "a transaction-mode pooler, 'record' only records them, 'ignore' (default) does "
+        "neither",
+        default="ignore",
     ),
     Option(
         "database",
@@ -127,6 +142,8 @@ class Settings:
     seed_tables: tuple[str, ...] = ()
     track: tuple[TrackSpec, ...] = ()
     timeline: bool = False
+    engine_options: str | None = None
+    prepared_statements: PreparedStatementMode = "ignore"
 
 
 def _raw_value(config: pytest.Config, option: Option) -> str | None:
@@ -258,6 +275,12 @@ def load_settings(config: pytest.Config) -> Settings:
         seed_tables=_names(raw["seed_tables"]),
         track=parse_track(raw["track"]),
         timeline=_flag(by_name["timeline"], raw["timeline"] or ""),
+        engine_options=_import_path(by_name["engine_options"], raw["engine_options"]),
+        prepared_statements=_choice(  # type: ignore[arg-type]
+            by_name["prepared_statements"],
+            raw["prepared_statements"] or "",
+            PREPARED_STATEMENT_MODES,
+        ),
     )
     _check_schema_sources(settings)
     return settings
@@ -293,6 +316,7 @@ class MarkerOptions:
     job_errors: JobErrorMode = "raise"
     track: tuple[TrackSpec, ...] | None = None
     replicas: int = 1
+    prepared_statements: PreparedStatementMode | None = None
 
 
 def _marker_signature(
@@ -302,6 +326,7 @@ def _marker_signature(
     job_errors: str = "raise",
     track: Mapping[str, Any] | None = None,
     replicas: int = 1,
+    prepared_statements: str | None = None,
 ) -> MarkerOptions:
     isolation = _replica_isolation(replicas, isolation)
     if isolation is not None and isolation not in ISOLATION_MODES:
@@ -314,12 +339,18 @@ def _marker_signature(
             f"@pytest.mark.fastsched(job_errors={job_errors!r}) is not valid: "
             f"use one of {', '.join(map(repr, JOB_ERROR_MODES))}"
         )
+    if prepared_statements is not None and prepared_statements not in PREPARED_STATEMENT_MODES:
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(prepared_statements={prepared_statements!r}) is not "
+            f"valid: use one of {', '.join(map(repr, PREPARED_STATEMENT_MODES))}"
+        )
     return MarkerOptions(
         start=None if start is None else parse_start(start, "@pytest.mark.fastsched(start=...)"),
         isolation=isolation,  # type: ignore[arg-type]
         job_errors=job_errors,  # type: ignore[arg-type]
         track=None if track is None else track_of_marker(track),
         replicas=replicas,
+        prepared_statements=prepared_statements,  # type: ignore[arg-type]
     )
 
 
@@ -343,12 +374,15 @@ def _replica_isolation(replicas: object, isolation: str | None) -> str | None:
 
 
 MARKER_HELP = (
-    "fastsched(*, start=None, isolation=None, job_errors='raise', track=None, replicas=1): "
+    "fastsched(*, start=None, isolation=None, job_errors='raise', track=None, replicas=1, "
+    "prepared_statements=None): "
     "per-test settings of pytest-fastsched: the virtual start instant, the database isolation "
     "mode ('rollback' or 'commit'), whether job exceptions fail the test ('raise') or are only "
     "recorded ('record'), the tables fastsched_history records "
     "({'table': ('status_column', 'error_column', 'other_column', ...)}), and how many copies "
-    "of the app's scheduler run (replicas > 1 implies isolation='commit')."
+    "of the app's scheduler run (replicas > 1 implies isolation='commit'), and whether named "
+    "prepared statements that would break behind a transaction-mode pooler fail the test "
+    "('check'), are only recorded ('record') or not looked at ('ignore'; PostgreSQL only)."
 )
 
 

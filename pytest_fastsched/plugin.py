@@ -60,6 +60,17 @@ def pytest_report_header(config: pytest.Config) -> list[str]:
     ]
 
 
+@pytest.hookimpl(specname="pytest_report_header")
+def pytest_report_header_engine(config: pytest.Config) -> list[str]:
+    settings = config.stash[SETTINGS_KEY]
+    if settings.engine_options is None and settings.prepared_statements == "ignore":
+        return []
+    return [
+        f"fastsched engine: engine_options={settings.engine_options or '-'}, "
+        f"prepared_statements={settings.prepared_statements}"
+    ]
+
+
 def _redact(database: str) -> str:
     scheme, sep, rest = database.partition("://")
     if not sep or "@" not in rest:
@@ -240,6 +251,12 @@ async def fastsched_db(request: pytest.FixtureRequest) -> AsyncIterator[Database
     and everything is rolled back after it. ``isolation="commit"``: real commits on separate
     connections, for work across connections; the tables are emptied after the test.
 
+    On PostgreSQL, ``fastsched_prepared_statements = check`` (or
+    ``@pytest.mark.fastsched(prepared_statements="check")``) fails the test, after it ran, when
+    the app's named prepared statements would break behind a transaction-mode pooler;
+    ``"record"`` only records them for ``fastsched_db.prepared_statement_leaks()``. The test
+    engine is built with ``fastsched_engine_options`` (the app's engine options), if set.
+
     An async fixture: it runs on the loop of ``asyncio_default_fixture_loop_scope``, which
     must be the loop of the test (the same loop scope), as the test connection cannot move
     between loops.
@@ -249,13 +266,16 @@ async def fastsched_db(request: pytest.FixtureRequest) -> AsyncIterator[Database
     config = request.config
     if DATABASES_KEY not in config.stash:
         config.stash[DATABASES_KEY] = _db.for_config(config, settings_of(request))
-    isolation = _options.marker_options(request.node).isolation or "rollback"
-    async with config.stash[DATABASES_KEY].open_test(isolation) as database:
+    marker = _options.marker_options(request.node)
+    isolation = marker.isolation or "rollback"
+    prepared = marker.prepared_statements or settings_of(request).prepared_statements
+    async with config.stash[DATABASES_KEY].open_test(isolation, prepared) as database:
         request.node.stash[DATABASE_OF_TEST_KEY] = database
         try:
             yield database
         finally:
             del request.node.stash[DATABASE_OF_TEST_KEY]
+    database.check_prepared_statements()
 
 
 @pytest.hookimpl(specname="pytest_runtest_call", wrapper=True)

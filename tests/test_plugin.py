@@ -243,7 +243,8 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
         (
             "@pytest.mark.fastsched(stat='2030-01-01T00:00:00+00:00')",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
-            "'stat'; valid: start, isolation, job_errors, track, replicas",
+            "'stat'; valid: start, isolation, job_errors, track, replicas, "
+            "prepared_statements",
         ),
         (
             "@pytest.mark.fastsched(isolation='nested')",
