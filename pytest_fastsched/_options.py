@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime as dt
+import difflib
 import importlib
 import re
 from collections.abc import Callable, Mapping
@@ -402,14 +403,16 @@ def marker_options(node: pytest.Item) -> MarkerOptions:
 def _call_signature(
     signature: Callable[..., MarkerOptions], kwargs: Mapping[str, Any], shown_as: str
 ) -> MarkerOptions:
-    try:
-        return signature(**kwargs)
-    except TypeError as exc:
-        unexpected = str(exc).split("argument", 1)[-1].strip()
-        valid = ", ".join(field.name for field in dataclasses.fields(MarkerOptions))
-        raise pytest.UsageError(
-            f"{shown_as} got an unexpected keyword argument {unexpected}; valid: {valid}"
-        ) from None
+    valid = [field.name for field in dataclasses.fields(MarkerOptions)]
+    for name in kwargs:
+        if name not in valid:
+            close = difflib.get_close_matches(name, valid, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else ""
+            raise pytest.UsageError(
+                f"{shown_as} got an unexpected keyword argument {name!r}{hint}; "
+                f"valid: {', '.join(valid)}"
+            )
+    return signature(**kwargs)
 
 
 # -- fastsched_history: the tracked tables and the timeline flag ------------------------------

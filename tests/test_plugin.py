@@ -243,7 +243,13 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
         (
             "@pytest.mark.fastsched(stat='2030-01-01T00:00:00+00:00')",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
-            "'stat'; valid: start, isolation, job_errors, track, replicas, "
+            "'stat' (did you mean 'start'?); valid: start, isolation, job_errors, track, "
+            "replicas, prepared_statements",
+        ),
+        (
+            "@pytest.mark.fastsched(workers=2)",
+            "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
+            "'workers'; valid: start, isolation, job_errors, track, replicas, "
             "prepared_statements",
         ),
         (
@@ -257,7 +263,7 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
             "('2030',) on test_user.py::test_fires",
         ),
     ],
-    ids=["typo", "bad-isolation", "positional"],
+    ids=["typo", "unknown", "bad-isolation", "positional"],
 )
 def test_marker_arguments_are_validated(
     pytester: pytest.Pytester, marker: str, message: str
