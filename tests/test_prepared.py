@@ -176,6 +176,42 @@ def test_the_documented_engine_options_pass_the_check(
     )
 
 
+OVERLAP = """
+import pytest
+
+from pooling import count_pending, scheduler
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(job_errors="record")
+async def test_two_jobs_at_one_instant(fastsched_clock, fastsched_db, fastsched_scheduler):
+    for job_id in ("first", "second"):
+        scheduler.add_job(count_pending, "interval", minutes=5, id=job_id)
+    await fastsched_clock.advance(minutes=5)
+    errors = [type(run.exception).__name__ for run in fastsched_scheduler.runs if run.exception]
+    assert errors == ["DatabaseGuardError"]
+"""
+
+
+def test_a_busy_test_connection_is_the_guards_to_report(
+    make_db_suite: Callable[[str], pytest.Pytester], postgres_server: EphemeralPostgres
+) -> None:
+    # Two jobs at one instant overlap on the one connection of rollback isolation: the guard
+    # fails the test (job_errors="record" keeps it from failing the clock call); the reading
+    # that finds the connection busy is skipped, not reported as a failure of its own.
+    suite = _suite(
+        make_db_suite,
+        postgres_server.url(),
+        "fastsched_prepared_statements = check",
+        "fastsched_engine_options = pooling:pooler_safe",
+    )
+    suite.makepyfile(test_overlap=OVERLAP)
+    result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
+    result.assert_outcomes(failed=1)
+    result.stdout.fnmatch_lines(["*fastsched_db: two tasks used the shared test connection*"])
+    result.stdout.no_fnmatch_line("*could not read the prepared statements*")
+
+
 RECORDED = """
 import pytest
 from sqlalchemy import text
