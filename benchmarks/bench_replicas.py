@@ -11,16 +11,12 @@ installed: ``pip install -e examples/reference_app``); prints rows of a markdown
 from __future__ import annotations
 
 import re
-import shutil
 import statistics
-import subprocess
-import sys
-import tempfile
-from pathlib import Path
+
+import reference_suite
 
 ROUNDS = 3
 ITEMS = 500
-APP = Path(__file__).resolve().parent.parent / "examples" / "reference_app"
 
 SUITE = f"""
 import time
@@ -31,9 +27,10 @@ from reference_app.scheduler import PROCESS_PENDING_JOB_ID
 from pytest_fastsched import assert_processed_once
 
 
+# The prepared-statement check the reference app turns on is measured by bench_prepared.py.
+@pytest.mark.fastsched(isolation="commit", prepared_statements="ignore")
 @pytest.mark.parametrize(
-    "replicas",
-    [pytest.param(n, marks=pytest.mark.fastsched(replicas=n, isolation="commit")) for n in (1, 4)],
+    "replicas", [pytest.param(n, marks=pytest.mark.fastsched(replicas=n)) for n in (1, 4)]
 )
 @pytest.mark.parametrize("round_", range({ROUNDS}))
 async def test_day(fastsched_clock, fastsched_db, fastsched_history, jobs, replicas, round_):
@@ -51,40 +48,11 @@ async def test_day(fastsched_clock, fastsched_db, fastsched_history, jobs, repli
 
 def main() -> None:
     """Run the suite once in a scratch copy of the reference app's test set-up."""
-    directory = Path(tempfile.mkdtemp(prefix="bench-replicas-"))
-    directory.chmod(0o755)
-    try:
-        shutil.copy(APP / "pyproject.toml", directory / "pyproject.toml")
-        (directory / "tests").mkdir()
-        shutil.copy(APP / "tests" / "conftest.py", directory / "tests" / "conftest.py")
-        (directory / "tests" / "test_bench.py").write_text(SUITE)
-        result = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pytest",
-                "-q",
-                "-s",
-                "-p",
-                "no:randomly",
-                "-p",
-                "no:cacheprovider",
-                "--fastsched-database=postgresql",
-            ],
-            cwd=directory,
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=1800,
-        )
-    finally:
-        shutil.rmtree(directory, ignore_errors=True)
-    if result.returncode != 0:
-        raise SystemExit(result.stdout + result.stderr)
+    output = reference_suite.run(SUITE)
     times: dict[int, list[float]] = {1: [], 4: []}
     runs: dict[int, int] = {}
     for replicas, count, seconds in re.findall(
-        r"BENCH replicas=(\d+) runs=(\d+) seconds=([\d.]+)", result.stdout
+        r"BENCH replicas=(\d+) runs=(\d+) seconds=([\d.]+)", output
     ):
         times[int(replicas)].append(float(seconds))
         runs[int(replicas)] = int(count)
