@@ -208,8 +208,9 @@ def test_bad_ini_values_are_usage_errors(
 def test_command_line_beats_ini(pytester: pytest.Pytester) -> None:
     _ini(pytester, "fastsched_clock_backend = sundial")
     pytester.makepyfile(test_user=FIRES)
-    result = pytester.runpytest_subprocess("--fastsched-clock-backend=time-machine")
+    result = pytester.runpytest_subprocess("--fastsched-clock-backend=freezegun")
     result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["fastsched: *clock_backend=freezegun,*"])
 
 
 @pytest.mark.parametrize(
