@@ -3,6 +3,7 @@ options (``fastsched_engine_options``)."""
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from types import SimpleNamespace
 
@@ -13,6 +14,8 @@ from pytest_fastsched._postgres import EphemeralPostgres
 
 NO_RANDOM_ORDER = ("-p", "no:randomly")
 LOOP_SCOPE = "[pytest]\nasyncio_default_fixture_loop_scope = function\n"
+CHECK = "fastsched_prepared_statements = check"
+POOLER_SAFE = "fastsched_engine_options = pooling:pooler_safe"
 
 # The user's app, next to tests/conftest.py's DB_APP: a job that reads the pending items, and
 # the engine options SQLAlchemy documents for PgBouncer.
@@ -112,10 +115,18 @@ def _suite(
     return suite
 
 
-def test_the_drivers_defaults_fail_the_check_naming_each_statement(
+@pytest.fixture
+def pg_suite(
     make_db_suite: Callable[[str], pytest.Pytester], postgres_server: EphemeralPostgres
+) -> Callable[..., pytest.Pytester]:
+    """A user project on the shared PostgreSQL server, with these extra ini lines."""
+    return functools.partial(_suite, make_db_suite, postgres_server.url())
+
+
+def test_the_drivers_defaults_fail_the_check_naming_each_statement(
+    pg_suite: Callable[..., pytest.Pytester],
 ) -> None:
-    suite = _suite(make_db_suite, postgres_server.url(), "fastsched_prepared_statements = check")
+    suite = pg_suite(CHECK)
     suite.makepyfile(test_jobs=JOB_SUITE)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
     result.assert_outcomes(passed=3, errors=3)
@@ -160,14 +171,9 @@ def test_the_drivers_defaults_fail_the_check_naming_each_statement(
 
 
 def test_the_documented_engine_options_pass_the_check(
-    make_db_suite: Callable[[str], pytest.Pytester], postgres_server: EphemeralPostgres
+    pg_suite: Callable[..., pytest.Pytester],
 ) -> None:
-    suite = _suite(
-        make_db_suite,
-        postgres_server.url(),
-        "fastsched_prepared_statements = check",
-        "fastsched_engine_options = pooling:pooler_safe",
-    )
+    suite = pg_suite(CHECK, POOLER_SAFE)
     suite.makepyfile(test_jobs=JOB_SUITE)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER)
     result.assert_outcomes(passed=3)
@@ -194,17 +200,12 @@ async def test_two_jobs_at_one_instant(fastsched_clock, fastsched_db, fastsched_
 
 
 def test_a_busy_test_connection_is_the_guards_to_report(
-    make_db_suite: Callable[[str], pytest.Pytester], postgres_server: EphemeralPostgres
+    pg_suite: Callable[..., pytest.Pytester],
 ) -> None:
     # Two jobs at one instant overlap on the one connection of rollback isolation: the guard
     # fails the test (job_errors="record" keeps it from failing the clock call); the reading
     # that finds the connection busy is skipped, not reported as a failure of its own.
-    suite = _suite(
-        make_db_suite,
-        postgres_server.url(),
-        "fastsched_prepared_statements = check",
-        "fastsched_engine_options = pooling:pooler_safe",
-    )
+    suite = pg_suite(CHECK, POOLER_SAFE)
     suite.makepyfile(test_overlap=OVERLAP)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
     result.assert_outcomes(failed=1)
@@ -274,11 +275,9 @@ async def test_not_recorded(fastsched_db):
 
 
 def test_recorded_leaks_can_be_asserted_in_the_test(
-    make_db_suite: Callable[[str], pytest.Pytester], postgres_server: EphemeralPostgres
+    pg_suite: Callable[..., pytest.Pytester],
 ) -> None:
-    suite = _suite(
-        make_db_suite, postgres_server.url(), "fastsched_engine_options = pooling:pooler_safe"
-    )
+    suite = pg_suite(POOLER_SAFE)
     suite.makepyfile(test_recorded=RECORDED)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q", "-s")
     result.assert_outcomes(passed=3, failed=1)
@@ -315,12 +314,7 @@ async def test_asking_names_postgresql(fastsched_db):
 def test_on_sqlite_the_check_is_off_and_asking_names_postgresql(
     make_db_suite: Callable[[str], pytest.Pytester],
 ) -> None:
-    suite = _suite(
-        make_db_suite,
-        "sqlite",
-        "fastsched_prepared_statements = check",
-        "fastsched_engine_options = pooling:pooler_safe",
-    )
+    suite = _suite(make_db_suite, "sqlite", CHECK, POOLER_SAFE)
     suite.makepyfile(test_sqlite=ON_SQLITE)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
     result.assert_outcomes(passed=1, failed=1)
