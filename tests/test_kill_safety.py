@@ -42,7 +42,10 @@ async def test_writes_then_blocks(fastsched_clock, fastsched_scheduler, fastsche
     await fastsched_clock.advance(minutes=6)
     assert await fastsched_db.status_of("items", 2) == "completed"
     if "KILL_FIFO" in os.environ:
-        Path(os.environ["KILL_MARKER"]).write_text(fastsched_db.url)
+        # Written aside and renamed: the killer sees the whole URL or no marker at all.
+        partial = Path(os.environ["KILL_MARKER"] + ".partial")
+        partial.write_text(fastsched_db.url)
+        partial.replace(os.environ["KILL_MARKER"])
         Path(os.environ["KILL_FIFO"]).read_text()  # no writer ever opens it: blocks
 """
 
