@@ -28,6 +28,7 @@ one). Execution counts (``generic_plans + custom_plans``) need PostgreSQL 14 or 
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import csv
 import dataclasses
@@ -35,7 +36,6 @@ import re
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any, Literal
 
-import asyncpg
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import await_only
@@ -122,6 +122,7 @@ class PreparedStatementMonitor:
         self._rollback = self._connection is not None
         self._readings: dict[int, _Reading] = {}
         self._drivers: dict[int, Any] = {}
+        self._mutexes: dict[int, asyncio.Lock | None] = {}
         self._makers: dict[str, set[int]] = {}
         self._baseline: dict[int, set[str]] = {}
         self._statements: dict[str, str] = {}
@@ -155,8 +156,12 @@ class PreparedStatementMonitor:
     def _read_in_greenlet(self, connection: Connection) -> None:
         # Events run inside SQLAlchemy's greenlet, where await_only() may await the driver.
         driver = connection.connection.driver_connection
+        # SQLAlchemy's adapter runs each statement under this lock: holding it, a reading waits
+        # for another task's statement on the connection instead of colliding with it.
+        mutex = getattr(connection.connection.dbapi_connection, "_execute_mutex", None)
+        self._mutexes[id(driver)] = mutex
         with self._reading_errors():
-            self._record(driver, await_only(_read(driver)))
+            self._record(driver, await_only(_read(driver, mutex)))
 
     # -- readings
 
@@ -172,16 +177,12 @@ class PreparedStatementMonitor:
             if driver.is_closed() or (driver.is_in_transaction() and not self._rollback):
                 continue
             with contextlib.suppress(Exception):
-                self._record(driver, await _read(driver))
+                self._record(driver, await _read(driver, self._mutexes.get(id(driver))))
 
     @contextlib.contextmanager
     def _reading_errors(self) -> Iterator[None]:
         try:
             yield
-        except asyncpg.InterfaceError:
-            # Busy with another task's statement: two jobs overlapping on the one test
-            # connection of rollback isolation, which its guard reports. Skip this reading.
-            pass
         except Exception as error:  # the check must never break the app's transaction
             message = f"{type(error).__name__}: {error}"
             if message not in self.errors:
@@ -221,7 +222,7 @@ class PreparedStatementMonitor:
         return list(self._leaks.values())
 
 
-async def _read(driver: Any) -> list[tuple[str, int, str]]:
+async def _read(driver: Any, mutex: asyncio.Lock | None = None) -> list[tuple[str, int, str]]:
     """The named prepared statements of ``driver``'s session: name, executions, SQL."""
     version = driver.get_server_version()
     if version.major < MIN_SERVER_VERSION:
@@ -235,7 +236,8 @@ async def _read(driver: Any) -> list[tuple[str, int, str]]:
         chunks.append(data)
 
     # COPY goes over the simple query protocol: reading prepares no statement of its own.
-    await driver.copy_from_query(READ_STATEMENTS, output=collect, format="csv")
+    async with mutex or contextlib.nullcontext():
+        await driver.copy_from_query(READ_STATEMENTS, output=collect, format="csv")
     lines = b"".join(chunks).decode().splitlines(keepends=True)
     return [(name, int(count), statement) for name, count, statement in csv.reader(lines)]
 

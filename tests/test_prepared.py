@@ -203,8 +203,9 @@ def test_a_busy_test_connection_is_the_guards_to_report(
     pg_suite: Callable[..., pytest.Pytester],
 ) -> None:
     # Two jobs at one instant overlap on the one connection of rollback isolation: the guard
-    # fails the test (job_errors="record" keeps it from failing the clock call); the reading
-    # that finds the connection busy is skipped, not reported as a failure of its own.
+    # fails the test (job_errors="record" keeps it from failing the clock call). A reading
+    # waits for the other task's statement instead of colliding with it in the driver, which
+    # would fail that statement, or the reading, with "another operation is in progress".
     suite = pg_suite(CHECK, POOLER_SAFE)
     suite.makepyfile(test_overlap=OVERLAP)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
