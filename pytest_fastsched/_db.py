@@ -668,24 +668,8 @@ class Databases:
             opened = self._open_rollback(entry, loop)
         else:
             opened = self._open_commit(entry, loop)
-        async with opened as database:
-            if prepared_statements == "ignore" or self.dialect != "postgresql":
-                database.prepared_statements_mode = prepared_statements
-                yield database
-                return
-            from pytest_fastsched import _prepared
-
-            connection = database.test_connection
-            monitor = _prepared.PreparedStatementMonitor(
-                entry.engine if connection is None else connection
-            )
-            database.prepared_statements_mode = prepared_statements
-            database.monitor = monitor
-            with monitor.watching():
-                try:
-                    yield database
-                finally:
-                    await monitor.read_all()
+        async with opened as database, database._recording(prepared_statements):
+            yield database
 
     @contextlib.asynccontextmanager
     async def _open_rollback(
@@ -879,13 +863,8 @@ class Database:
         self._default_maker: async_sessionmaker[AsyncSession] | None = None
         self.engine = engine
         """The engine of the test database on this test's loop (for commit isolation)."""
-        self.prepared_statements_mode: _options.PreparedStatementMode = "ignore"
-        self.monitor: PreparedStatementMonitor | None = None
-
-    @property
-    def test_connection(self) -> AsyncConnection | None:
-        """The one connection of a rollback-isolated test; ``None`` under commit isolation."""
-        return self._connection
+        self._prepared_mode: _options.PreparedStatementMode = "ignore"
+        self._prepared_monitor: PreparedStatementMonitor | None = None
 
     @property
     def url(self) -> str:
@@ -998,6 +977,26 @@ class Database:
 
     # -- named prepared statements (pytest_fastsched._prepared)
 
+    @contextlib.asynccontextmanager
+    async def _recording(self, mode: _options.PreparedStatementMode) -> AsyncIterator[None]:
+        """Record the prepared statements of the test's connections (PostgreSQL, not "ignore").
+
+        The last reading is taken when the block ends, before the test's data is undone.
+        """
+        self._prepared_mode = mode
+        if mode == "ignore" or self.dialect != "postgresql":
+            yield
+            return
+        from pytest_fastsched import _prepared
+
+        target = self.engine if self._connection is None else self._connection
+        monitor = self._prepared_monitor = _prepared.PreparedStatementMonitor(target)
+        with monitor.watching():
+            try:
+                yield
+            finally:
+                await monitor.read_all()
+
     async def prepared_statement_leaks(self) -> list[PreparedStatementLeak]:
         """The app's named prepared statements that would break behind a transaction pooler.
 
@@ -1023,8 +1022,8 @@ class Database:
     def check_prepared_statements(self) -> None:
         """Fail the test after it ran if it found leaks (``prepared_statements = check``)."""
         __tracebackhide__ = True
-        monitor = self.monitor
-        if self.prepared_statements_mode != "check" or monitor is None:
+        monitor = self._prepared_monitor
+        if self._prepared_mode != "check" or monitor is None:
             return
         if monitor.leaks or monitor.errors:
             raise _fail(self._prepared_report())
@@ -1043,13 +1042,13 @@ class Database:
                 "none): run this test with fastsched_database = postgresql (or a PostgreSQL "
                 "URL) to check them."
             )
-        if self.monitor is None:
+        if self._prepared_monitor is None:
             raise _fail(
                 "fastsched_db: the prepared statements were not recorded in this test: mark it "
                 "@pytest.mark.fastsched(prepared_statements='record') (or 'check', which also "
                 "fails the test on a leak), or set fastsched_prepared_statements for the suite."
             )
-        return self.monitor
+        return self._prepared_monitor
 
     def raise_guard_errors(self) -> None:
         """Raise the first guard error of the test (called after a test that passed)."""
