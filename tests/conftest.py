@@ -13,8 +13,16 @@ from pathlib import Path
 
 # In-process pytester runs restore sys.modules afterwards: a C extension first imported by a
 # user suite would be imported again by the next one, which crashes asyncpg. Imported here,
-# the database stack outlives every inner run.
+# the database stack outlives every inner run. So do APScheduler's triggers and executors,
+# which it loads on first use and caches by class: a class cached from a module that an inner
+# run imported, and that left sys.modules with it, would be out of freezegun's reach.
 import aiosqlite  # noqa: F401
+import apscheduler.executors.asyncio
+import apscheduler.executors.pool
+import apscheduler.jobstores.memory
+import apscheduler.triggers.cron
+import apscheduler.triggers.date
+import apscheduler.triggers.interval  # noqa: F401
 import asyncpg
 import pytest
 import sqlalchemy.dialects.postgresql.asyncpg
