@@ -119,10 +119,9 @@ class PreparedStatementMonitor:
         # isolation watches its one test connection, where the app's transactions are savepoints.
         self._connection = target.sync_connection if isinstance(target, AsyncConnection) else None
         self._target: Engine | Connection = self._connection or target.sync_engine
-        self._rollback = self._connection is not None
         self._readings: dict[int, _Reading] = {}
-        self._drivers: dict[int, Any] = {}
-        self._mutexes: dict[int, asyncio.Lock | None] = {}
+        self._drivers: dict[int, tuple[Any, asyncio.Lock | None]] = {}
+        """Each driver connection seen, by id, with the adapter's statement lock."""
         self._makers: dict[str, set[int]] = {}
         self._baseline: dict[int, set[str]] = {}
         self._statements: dict[str, str] = {}
@@ -136,7 +135,9 @@ class PreparedStatementMonitor:
     def watching(self) -> Iterator[PreparedStatementMonitor]:
         """Read at each transaction start while the block runs."""
         name, listener = (
-            ("savepoint", self._on_savepoint) if self._rollback else ("begin", self._on_begin)
+            ("savepoint", self._on_savepoint)
+            if self._connection is not None
+            else ("begin", self._on_begin)
         )
         event.listen(self._target, name, listener)
         try:
@@ -159,7 +160,7 @@ class PreparedStatementMonitor:
         # SQLAlchemy's adapter runs each statement under this lock: holding it, a reading waits
         # for another task's statement on the connection instead of colliding with it.
         mutex = getattr(connection.connection.dbapi_connection, "_execute_mutex", None)
-        self._mutexes[id(driver)] = mutex
+        self._drivers[id(driver)] = (driver, mutex)
         with self._reading_errors():
             self._record(driver, await_only(_read(driver, mutex)))
 
@@ -171,13 +172,14 @@ class PreparedStatementMonitor:
         Best effort: a connection that is busy, closed or in a failed transaction (the test
         failed on it) is skipped.
         """
+        rollback = self._connection is not None
         if self._connection is not None and self._connection.in_nested_transaction():
             return  # a transaction of the app is open on the test connection
-        for driver in list(self._drivers.values()):
-            if driver.is_closed() or (driver.is_in_transaction() and not self._rollback):
+        for driver, mutex in list(self._drivers.values()):
+            if driver.is_closed() or (driver.is_in_transaction() and not rollback):
                 continue
             with contextlib.suppress(Exception):
-                self._record(driver, await _read(driver, self._mutexes.get(id(driver))))
+                self._record(driver, await _read(driver, mutex))
 
     @contextlib.contextmanager
     def _reading_errors(self) -> Iterator[None]:
@@ -190,13 +192,12 @@ class PreparedStatementMonitor:
 
     def _record(self, driver: Any, rows: list[tuple[str, int, str]]) -> None:
         key = id(driver)
-        self._drivers[key] = driver
         earlier = self._readings.get(key)
         counts = {name: count for name, count, _ in rows}
         if earlier is None:
             self._baseline[key] = set(counts)
         for name, count, statement in rows:
-            if self._rollback and SAVEPOINT_SQL.match(statement):
+            if self._connection is not None and SAVEPOINT_SQL.match(statement):
                 continue
             self._statements[name] = statement
             if earlier is not None and count > earlier.counts.get(name, count):
