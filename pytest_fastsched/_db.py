@@ -1014,10 +1014,11 @@ class Database:
     async def assert_no_prepared_statement_leaks(self) -> None:
         """Fail with the list of leaks when :meth:`prepared_statement_leaks` finds any."""
         __tracebackhide__ = True
-        leaks = await self.prepared_statement_leaks()
         monitor = self._monitor()
-        if leaks or monitor.errors:
-            raise AssertionError(self._prepared_report())
+        await monitor.read_all()
+        failure = self._prepared_failure(monitor)
+        if failure is not None:
+            raise AssertionError(failure)
 
     def check_prepared_statements(self) -> None:
         """Fail the test after it ran if it found leaks (``prepared_statements = check``)."""
@@ -1025,13 +1026,16 @@ class Database:
         monitor = self._prepared_monitor
         if self._prepared_mode != "check" or monitor is None:
             return
-        if monitor.leaks or monitor.errors:
-            raise _fail(self._prepared_report())
+        failure = self._prepared_failure(monitor)
+        if failure is not None:
+            raise _fail(failure)
 
-    def _prepared_report(self) -> str:
+    def _prepared_failure(self, monitor: PreparedStatementMonitor) -> str | None:
+        """The report of what ``monitor`` found, or ``None`` when it found nothing."""
+        if not monitor.leaks and not monitor.errors:
+            return None
         from pytest_fastsched import _prepared
 
-        monitor = self._monitor()
         engine_options = self._databases.settings.engine_options
         return _prepared.report(monitor.leaks, monitor.errors, engine_options)
 
