@@ -137,16 +137,13 @@ class PreparedStatementMonitor:
         name, listener = (
             ("savepoint", self._on_savepoint)
             if self._connection is not None
-            else ("begin", self._on_begin)
+            else ("begin", self._read_in_greenlet)
         )
         event.listen(self._target, name, listener)
         try:
             yield self
         finally:
             event.remove(self._target, name, listener)
-
-    def _on_begin(self, connection: Connection) -> None:
-        self._read_in_greenlet(connection)
 
     def _on_savepoint(self, connection: Connection, _name: str | None) -> None:
         # The event comes before the savepoint is made: the savepoint open now, if any, is an
