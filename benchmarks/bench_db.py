@@ -140,7 +140,7 @@ def truncate(engine: AsyncEngine) -> Step:
 async def in_process_loop(databases: _db.Databases, iterations: int) -> dict[str, float]:
     """Everything that can share one event loop (and so one pooled engine)."""
     await databases.setup()
-    engine = (await databases.engine()).engine
+    engine = await databases.engine()
     results = {
         "rollback": await median_ms(isolated(databases, "rollback"), iterations),
         "commit (DELETE)": await median_ms(isolated(databases, "commit"), iterations),

@@ -49,7 +49,7 @@ from pathlib import Path
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table
 from sqlalchemy.pool import NullPool
 
-from pytest_fastsched import _db, _options, _postgres, _schema
+from pytest_fastsched import _db, _options, _postgres, _schema, _testdb
 
 TABLES = 20
 
@@ -185,7 +185,7 @@ def timed_build(url: str, alembic: Path | None) -> float:
     """The schema step alone, on an empty database."""
 
     async def build() -> float:
-        engine = _db.create_engine(url, poolclass=NullPool)
+        engine = _testdb.create_engine(url, poolclass=NullPool)
         try:
             began = time.perf_counter()
             await schema_of(alembic).build(engine)
@@ -217,7 +217,7 @@ def postgres_round(
     finally:
         server.drop_database("bench_build")
     # Two xdist workers: the first builds the template and clones it, the second clones it.
-    controller = _db.Controller(server.url())
+    controller = _testdb.Controller(server.url())
     workers = [
         _db.Databases(
             settings(server.url(), alembic), worker=name, workerinput=controller.workerinput()

@@ -26,53 +26,44 @@ __all__ = [
 ]
 
 if TYPE_CHECKING:
-    from pytest_fastsched._asserts import (
+    from pytest_fastsched._clock import VirtualClock
+    from pytest_fastsched._db import Database
+    from pytest_fastsched._history import (
+        History,
         assert_all,
         assert_processed_once,
         assert_status,
         assert_transitions,
         timeline,
     )
-    from pytest_fastsched._clock import VirtualClock
-    from pytest_fastsched._db import Database, DatabaseGuardError
-    from pytest_fastsched._history import History, HistoryRecord
+    from pytest_fastsched._isolation import DatabaseGuardError
     from pytest_fastsched._prepared import PreparedStatementLeak
-    from pytest_fastsched._scheduler import JobRun, JobRunError, SchedulerHarness
+    from pytest_fastsched._records import HistoryRecord, JobRun, JobRunError
+    from pytest_fastsched._scheduler import SchedulerHarness
+
+# Where each public name lives. Imported on first use, so that importing the plugin does not
+# import APScheduler or SQLAlchemy.
+_HOMES = {
+    "Database": "_db",
+    "DatabaseGuardError": "_isolation",
+    "History": "_history",
+    "HistoryRecord": "_records",
+    "JobRun": "_records",
+    "JobRunError": "_records",
+    "PreparedStatementLeak": "_prepared",
+    "SchedulerHarness": "_scheduler",
+    "VirtualClock": "_clock",
+    "assert_all": "_history",
+    "assert_processed_once": "_history",
+    "assert_status": "_history",
+    "assert_transitions": "_history",
+    "timeline": "_history",
+}
 
 
 def __getattr__(name: str) -> object:
-    # Lazy, so that importing the plugin does not import APScheduler or SQLAlchemy.
-    if name == "VirtualClock":
-        from pytest_fastsched._clock import VirtualClock
+    if name not in _HOMES:
+        raise AttributeError(f"module 'pytest_fastsched' has no attribute {name!r}")
+    import importlib
 
-        return VirtualClock
-    if name in ("JobRun", "JobRunError", "SchedulerHarness"):
-        from pytest_fastsched import _scheduler
-
-        return getattr(_scheduler, name)
-    if name in ("Database", "DatabaseGuardError"):
-        from pytest_fastsched import _db
-
-        return getattr(_db, name)
-    if name in ("History", "HistoryRecord"):
-        from pytest_fastsched import _history
-
-        return getattr(_history, name)
-    if name == "PreparedStatementLeak":
-        from pytest_fastsched._prepared import PreparedStatementLeak
-
-        return PreparedStatementLeak
-    if name in _ASSERTIONS:
-        from pytest_fastsched import _asserts
-
-        return getattr(_asserts, name)
-    raise AttributeError(f"module 'pytest_fastsched' has no attribute {name!r}")
-
-
-_ASSERTIONS = (
-    "assert_all",
-    "assert_processed_once",
-    "assert_status",
-    "assert_transitions",
-    "timeline",
-)
+    return getattr(importlib.import_module(f"pytest_fastsched.{_HOMES[name]}"), name)

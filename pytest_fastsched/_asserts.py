@@ -12,10 +12,11 @@ other, then the whole story in virtual time as an aligned table::
       2030-01-01 00:00:00+00:00  pending     None        inserted  test
       ...
 
-The row assertions work on the records of ``fastsched_history`` (:mod:`._history`); the plain
-functions exported from ``pytest_fastsched`` use the history of the running test. The job run
-assertion of ``fastsched_scheduler`` and the ``--fastsched-timeline`` report use the same
-helpers. This module imports nothing heavy: the scheduler harness imports it.
+Every function here works on plain records (:mod:`._records`) and the columns of a tracked
+table (:class:`~._options.TrackSpec`), and returns or raises: ``fastsched_history`` looks the
+rows up and calls the row assertions, ``fastsched_scheduler`` calls the run-log assertion, and
+the ``--fastsched-timeline`` report is built from both. Nothing here calls back into them, and
+nothing heavy is imported: the scheduler harness imports this module.
 """
 
 from __future__ import annotations
@@ -23,14 +24,11 @@ from __future__ import annotations
 import datetime as dt
 import enum
 import re
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
-import pytest
-
-if TYPE_CHECKING:
-    from pytest_fastsched._history import History, HistoryRecord, Tracked
-    from pytest_fastsched._scheduler import JobRun
+from pytest_fastsched._options import TrackSpec
+from pytest_fastsched._records import HistoryRecord, JobRun, format_time
 
 
 class _Unset:
@@ -46,13 +44,6 @@ _SHOWN_RUNS = 5  # scheduled times listed in one line of assert_ran's failure
 
 
 # -- formatting ----------------------------------------------------------------------------
-
-
-def format_time(instant: dt.datetime | None) -> str:
-    """A virtual instant as the failures show it: ``2030-01-01 00:05:00+00:00`` (UTC)."""
-    if instant is None:
-        return "-"
-    return instant.astimezone(dt.timezone.utc).isoformat(sep=" ")
 
 
 def mismatch(subject: str, expected: str, got: str, detail: str | None = None) -> list[str]:
@@ -110,13 +101,13 @@ def _note(record: HistoryRecord) -> str:
     return note
 
 
-def row_timeline(tracked: Tracked, key: Any, records: Sequence[HistoryRecord]) -> list[str]:
+def row_timeline(columns: TrackSpec, key: Any, records: Sequence[HistoryRecord]) -> list[str]:
     """The aligned timeline of one row: each write, its values, its note and its job run."""
-    header = ["at", "status", *([tracked.error] if tracked.error else []), *tracked.others]
+    header = ["at", "status", *([columns.error] if columns.error else []), *columns.others]
     rows = [[*header, "note", "by"]]
     for record in records:
-        values = [repr(record.last_error)] if tracked.error else []
-        values += [repr(record.values.get(name)) for name in tracked.others]
+        values = [repr(record.last_error)] if columns.error else []
+        values += [repr(record.values.get(name)) for name in columns.others]
         rows.append(
             [
                 format_time(record.at),
@@ -126,15 +117,15 @@ def row_timeline(tracked: Tracked, key: Any, records: Sequence[HistoryRecord]) -
                 record.by,
             ]
         )
-    return [f"{show_key(tracked.name, key)} in virtual time:", *aligned(rows)]
+    return [f"{show_key(columns.table, key)} in virtual time:", *aligned(rows)]
 
 
 def _timelines(
-    tracked: Tracked, rows: dict[Any, list[HistoryRecord]], keys: list[Any]
+    columns: TrackSpec, rows: Mapping[Any, Sequence[HistoryRecord]], keys: list[Any]
 ) -> list[str]:
     lines: list[str] = []
     for key in keys[:_SHOWN_ROWS]:
-        lines += row_timeline(tracked, key, rows[key])
+        lines += row_timeline(columns, key, rows[key])
     if len(keys) > _SHOWN_ROWS:
         lines.append(f"... and {len(keys) - _SHOWN_ROWS} more rows")
     return lines
@@ -177,31 +168,40 @@ def _last(records: Sequence[HistoryRecord]) -> HistoryRecord | None:
     return stayed[-1] if stayed else None
 
 
-def _where(tracked: Tracked, record: HistoryRecord | None) -> str | None:
+def _where(columns: TrackSpec, record: HistoryRecord | None) -> str | None:
     if record is None:
         return None
     detail = f"at {format_time(record.at)}"
-    if tracked.error:
-        detail += f", {tracked.error}={record.last_error!r}"
+    if columns.error:
+        detail += f", {columns.error}={record.last_error!r}"
     return detail
 
 
 # -- the row assertions --------------------------------------------------------------------
+# Each takes the columns of the tracked table and the records of the rows concerned, looked
+# up by fastsched_history; the argument checks come first, so a wrong call fails as such
+# before any lookup.
 
 
-def check_transitions(history: History, table: str, key: Any, statuses: Sequence[Any]) -> None:
-    """The row went through exactly ``statuses``, in order (see ``History``)."""
+def check_statuses_argument(statuses: object) -> None:
+    """``assert_transitions()`` takes a list of statuses."""
     __tracebackhide__ = True
     if isinstance(statuses, (str, bytes)) or not isinstance(statuses, Sequence):
         raise TypeError(
             f"assert_transitions() takes the statuses as a list, e.g. "
             f"['pending', 'processing', 'completed'], not {statuses!r}"
         )
-    tracked, row_key, records = history.row(table, key)
+
+
+def check_transitions(
+    columns: TrackSpec, key: Any, records: Sequence[HistoryRecord], statuses: Sequence[Any]
+) -> None:
+    """The row went through exactly ``statuses``, in order (see ``History``)."""
+    __tracebackhide__ = True
     sequence = status_sequence(records)
     if len(sequence) == len(statuses) and all(map(same_status, sequence, statuses)):
         return
-    label = show_key(tracked.name, row_key)
+    label = show_key(columns.table, key)
     raise _fail(
         f"{label} went through other statuses than expected",
         [
@@ -209,56 +209,15 @@ def check_transitions(history: History, table: str, key: Any, statuses: Sequence
                 label,
                 _statuses(statuses),
                 _statuses(sequence),
-                _where(tracked, _last(records)),
+                _where(columns, _last(records)),
             ),
-            *row_timeline(tracked, row_key, records),
+            *row_timeline(columns, key, records),
         ],
     )
 
 
-def check_status(
-    history: History,
-    table: str,
-    key: Any,
-    status: Any,
-    last_error: Any = UNSET,
-    last_error_match: str | None = None,
-) -> None:
-    """The row ended in ``status`` (and its error column as ``last_error`` says)."""
-    __tracebackhide__ = True
-    expected_error = _error_check(last_error, last_error_match)
-    tracked = history.table(table)
-    if expected_error is not UNSET and tracked.error is None:
-        raise TypeError(
-            f"{tracked.name} has no error column recorded, so last_error cannot be checked: "
-            f"name it with fastsched_track = {tracked.name}:{tracked.status}:ERROR_COLUMN or "
-            f"@pytest.mark.fastsched(track={{{tracked.name!r}: "
-            f"({tracked.status!r}, 'ERROR_COLUMN')}})"
-        )
-    tracked, row_key, records = history.row(table, key)
-    last = _last(records)
-    expected = _show_status(status)
-    got = "(no status written)" if last is None else _show_status(last.status)
-    matches = last is not None and same_status(last.status, status)
-    if expected_error is not UNSET:
-        expected += f", {tracked.error}{_describe_error_check(expected_error)}"
-        if last is not None:
-            got += f", {tracked.error}={last.last_error!r}"
-            matches = matches and _error_matches(last.last_error, expected_error)
-    if matches:
-        return
-    detail = None if last is None else f"at {format_time(last.at)}, by {last.by}"
-    label = show_key(tracked.name, row_key)
-    raise _fail(
-        f"{label} did not end as expected",
-        [
-            *mismatch(label, expected, got, detail),
-            *row_timeline(tracked, row_key, records),
-        ],
-    )
-
-
-def _error_check(last_error: Any, last_error_match: str | None) -> Any:
+def error_check(last_error: Any, last_error_match: str | None) -> Any:
+    """What ``last_error=`` / ``last_error_match=`` ask for: ``UNSET``, a text, a pattern."""
     __tracebackhide__ = True
     if last_error_match is not None:
         if last_error is not UNSET:
@@ -286,6 +245,50 @@ def _error_check(last_error: Any, last_error_match: str | None) -> Any:
     )
 
 
+def check_error_column(columns: TrackSpec, expected_error: Any) -> None:
+    """An error check needs the table's error column."""
+    __tracebackhide__ = True
+    if expected_error is not UNSET and columns.error is None:
+        raise TypeError(
+            f"{columns.table} has no error column recorded, so last_error cannot be checked: "
+            f"name it with fastsched_track = {columns.table}:{columns.status}:ERROR_COLUMN or "
+            f"@pytest.mark.fastsched(track={{{columns.table!r}: "
+            f"({columns.status!r}, 'ERROR_COLUMN')}})"
+        )
+
+
+def check_status(
+    columns: TrackSpec,
+    key: Any,
+    records: Sequence[HistoryRecord],
+    status: Any,
+    expected_error: Any = UNSET,
+) -> None:
+    """The row ended in ``status``, and its error column as ``expected_error`` (from
+    :func:`error_check`) says."""
+    __tracebackhide__ = True
+    last = _last(records)
+    expected = _show_status(status)
+    got = "(no status written)" if last is None else _show_status(last.status)
+    matches = last is not None and same_status(last.status, status)
+    if expected_error is not UNSET:
+        expected += f", {columns.error}{_describe_error_check(expected_error)}"
+        if last is not None:
+            got += f", {columns.error}={last.last_error!r}"
+            matches = matches and _error_matches(last.last_error, expected_error)
+    if matches:
+        return
+    detail = None if last is None else f"at {format_time(last.at)}, by {last.by}"
+    label = show_key(columns.table, key)
+    raise _fail(
+        f"{label} did not end as expected",
+        [
+            *mismatch(label, expected, got, detail),
+            *row_timeline(columns, key, records),
+        ],
+    )
+
+
 def _describe_error_check(expected: Any) -> str:
     if isinstance(expected, re.Pattern):
         return f" matching {expected.pattern!r}"
@@ -298,10 +301,11 @@ def _error_matches(value: Any, expected: Any) -> bool:
     return bool(value == expected)
 
 
-def check_all(history: History, table: str, status: Any) -> None:
-    """Every row of ``table`` the history saw ended in ``status``."""
+def check_all(
+    columns: TrackSpec, rows: Mapping[Any, Sequence[HistoryRecord]], status: Any
+) -> None:
+    """Every row of the table the history saw (``rows``, by key) ended in ``status``."""
     __tracebackhide__ = True
-    tracked, rows = history.rows(table)
     finals = {key: _last(records) for key, records in rows.items()}
     elsewhere = [
         key for key, last in finals.items() if last is None or not same_status(last.status, status)
@@ -309,18 +313,18 @@ def check_all(history: History, table: str, status: Any) -> None:
     if rows and not elsewhere:
         return
     if not rows:
-        got = f"no rows (this test wrote none to {tracked.name})"
+        got = f"no rows (this test wrote none to {columns.table})"
     else:
         where = ", ".join(
-            f"{show_key(tracked.name, key)} in {_final_status(finals[key])}"
+            f"{show_key(columns.table, key)} in {_final_status(finals[key])}"
             for key in elsewhere[:_SHOWN_ROWS]
         )
         got = f"{len(elsewhere)} of {len(rows)} rows elsewhere: {where}"
     raise _fail(
-        f"not every row of {tracked.name} ended in {_show_status(status)}",
+        f"not every row of {columns.table} ended in {_show_status(status)}",
         [
-            *mismatch(tracked.name, f"every row to end in {_show_status(status)}", got),
-            *_timelines(tracked, rows, elsewhere),
+            *mismatch(columns.table, f"every row to end in {_show_status(status)}", got),
+            *_timelines(columns, rows, elsewhere),
         ],
     )
 
@@ -329,10 +333,9 @@ def _final_status(last: HistoryRecord | None) -> str:
     return "(no status)" if last is None else _show_status(last.status)
 
 
-def check_processed_once(history: History, table: str) -> None:
-    """No row of ``table`` had its status set to the value it already had."""
+def check_processed_once(columns: TrackSpec, rows: Mapping[Any, Sequence[HistoryRecord]]) -> None:
+    """No row of the table (``rows``, by key) had its status set to the value it already had."""
     __tracebackhide__ = True
-    tracked, rows = history.rows(table)
     twice = {
         key: [record for record in effective(records) if record.same_value]
         for key, records in rows.items()
@@ -341,93 +344,24 @@ def check_processed_once(history: History, table: str) -> None:
     if not offending:
         return
     shown = ", ".join(
-        f"{show_key(tracked.name, key)} ({_statuses([twice[key][0].status] * 2)})"
+        f"{show_key(columns.table, key)} ({_statuses([twice[key][0].status] * 2)})"
         for key in offending[:_SHOWN_ROWS]
     )
     many = len(offending) > 1
     count = f"{len(offending)} row{'s' if many else ''}"
     raise _fail(
-        f"{count} of {tracked.name} had {'their' if many else 'its'} status set to the value "
+        f"{count} of {columns.table} had {'their' if many else 'its'} status set to the value "
         f"{'they' if many else 'it'} already had",
         [
             *mismatch(
-                tracked.name,
+                columns.table,
                 "no row to have its status set to the value it already had",
                 f"{count} written again with the same status "
                 f"(two workers processing the same row?): {shown}",
             ),
-            *_timelines(tracked, rows, offending),
+            *_timelines(columns, rows, offending),
         ],
     )
-
-
-# -- the plain functions: the history of the running test -----------------------------------
-
-_ACTIVE: list[History] = []
-
-
-def activate(history: History) -> None:
-    """Make ``history`` the one the plain functions use (the fixture calls this)."""
-    _ACTIVE.append(history)
-
-
-def deactivate(history: History) -> None:
-    """Stop using ``history`` (the fixture calls this at the end of its test)."""
-    if history in _ACTIVE:
-        _ACTIVE.remove(history)
-
-
-def _active(function: str) -> History:
-    __tracebackhide__ = True
-    if not _ACTIVE:
-        raise pytest.UsageError(
-            f"pytest_fastsched.{function}() checks the history of the running test: request "
-            f"the fastsched_history fixture in the test (or in a fixture it uses)"
-        )
-    return _ACTIVE[-1]
-
-
-def assert_transitions(table: str, key: Any, statuses: Sequence[Any]) -> None:
-    """Assert that the row ``key`` of ``table`` went through exactly ``statuses``.
-
-    The history of the running test (``fastsched_history``); see
-    :meth:`History.assert_transitions`.
-    """
-    __tracebackhide__ = True
-    check_transitions(_active("assert_transitions"), table, key, statuses)
-
-
-def assert_status(
-    table: str,
-    key: Any,
-    status: Any,
-    *,
-    last_error: Any = UNSET,
-    last_error_match: str | None = None,
-) -> None:
-    """Assert that the row ``key`` of ``table`` ended in ``status``; see
-    :meth:`History.assert_status`."""
-    __tracebackhide__ = True
-    check_status(_active("assert_status"), table, key, status, last_error, last_error_match)
-
-
-def assert_all(table: str, status: Any) -> None:
-    """Assert that every row of ``table`` ended in ``status``; see :meth:`History.assert_all`."""
-    __tracebackhide__ = True
-    check_all(_active("assert_all"), table, status)
-
-
-def assert_processed_once(table: str) -> None:
-    """Assert that no row of ``table`` had its status set to the value it already had; see
-    :meth:`History.assert_processed_once`."""
-    __tracebackhide__ = True
-    check_processed_once(_active("assert_processed_once"), table)
-
-
-def timeline(table: str, key: Any) -> list[HistoryRecord]:
-    """The records of the row ``key`` of ``table``; see :meth:`History.timeline`."""
-    __tracebackhide__ = True
-    return _active("timeline").timeline(table, key)
 
 
 # -- fastsched_scheduler.assert_ran --------------------------------------------------------
@@ -481,14 +415,17 @@ def _outcome(run: JobRun) -> str:
 # -- the --fastsched-timeline report -------------------------------------------------------
 
 
-def timeline_report(history: History | None, runs: Sequence[JobRun]) -> str | None:
+def timeline_report(
+    records: Sequence[HistoryRecord],
+    error_columns: Mapping[str, str | None],
+    runs: Sequence[JobRun],
+) -> str | None:
     """The compact timeline of one test: its job runs and row writes in virtual time.
 
-    Consecutive runs of a job that succeeded without writing a tracked row are one line.
-    ``None`` when the test has neither runs nor writes.
+    ``records`` are the test's history records, ``error_columns`` the error column of each
+    tracked table. Consecutive runs of a job that succeeded without writing a tracked row are
+    one line. ``None`` when the test has neither runs nor writes.
     """
-    records = history.all_records() if history is not None else []
-    error_columns = {} if history is None else {n: t.error for n, t in history.tracked.items()}
     wrote = {(record.job_id, record.scheduled, record.replica) for record in records}
     numbers = _run_numbers(runs)
     events: list[_Event] = []

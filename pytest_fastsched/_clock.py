@@ -23,9 +23,11 @@ import math
 import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
-from typing import Any, Protocol, TypeVar
+from typing import Any, TypeVar
 
 import pytest
+
+from pytest_fastsched._wallclock import make_wall_clock
 
 _T = TypeVar("_T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
@@ -63,135 +65,6 @@ def to_us(instant: dt.datetime) -> int:
 def from_us(us: int) -> dt.datetime:
     """The aware UTC datetime ``us`` microseconds after the Unix epoch."""
     return _EPOCH + dt.timedelta(microseconds=us)
-
-
-class WallClock(Protocol):
-    """A wall-clock backend: freezes ``datetime.now()`` / ``time.time()`` and moves them."""
-
-    name: str
-
-    def start(self, instant: dt.datetime) -> None: ...
-    def move_to(self, instant: dt.datetime) -> None: ...
-    def stop(self) -> None: ...
-
-
-def _naive_utc(instant: dt.datetime) -> dt.datetime:
-    # Naive UTC on purpose: an aware destination makes time-machine set TZ, which changes
-    # what tzlocal (and so APScheduler's default timezone) reports.
-    return instant.astimezone(dt.timezone.utc).replace(tzinfo=None)
-
-
-class FreezegunWallClock:
-    """freezegun, configured so that every module and every thread sees the virtual time.
-
-    freezegun's defaults are wrong here: its ignore list (``threading``, ``queue``, ...)
-    makes worker threads read the real clock, and it freezes ``time.monotonic``, which hangs
-    ``asyncio.sleep`` and thread timeouts. Both are undone right after ``start()``.
-    """
-
-    name = "freezegun"
-
-    def start(self, instant: dt.datetime) -> None:
-        from freezegun import freeze_time
-
-        self._freezer = freeze_time(_naive_utc(instant), tick=False)
-        self._freezer.ignore = ()
-        self._factory = self._freezer.start()
-        self._restore_monotonic()
-        self._keep_fold()
-        _teach_pydantic_fake_dates()
-
-    def _keep_fold(self) -> None:
-        # freezegun rebuilds every datetime result without its ``fold``, so the second
-        # 02:30 of a DST fall-back night becomes the first again and APScheduler's cron
-        # trigger loops forever at that hour. Keep the fold while the clock runs.
-        from freezegun import api
-
-        dropping_fold = api.datetime_to_fakedatetime
-
-        def datetime_to_fakedatetime(value: dt.datetime) -> dt.datetime:
-            return dropping_fold(value).replace(fold=value.fold)
-
-        self._dropping_fold = dropping_fold
-        api.datetime_to_fakedatetime = datetime_to_fakedatetime  # type: ignore[assignment]
-
-    def _restore_monotonic(self) -> None:
-        from freezegun import api
-
-        names = ("monotonic", "monotonic_ns", "perf_counter", "perf_counter_ns")
-        reals = {
-            name: getattr(api, f"real_{name}") for name in names if hasattr(api, f"real_{name}")
-        }
-        for name, real in reals.items():
-            setattr(time, name, real)
-        real_ids = {id(real) for real in reals.values()}
-        kept = []
-        for module, attribute, original in self._freezer.undo_changes:
-            if id(original) in real_ids:
-                setattr(module, attribute, original)
-            else:
-                kept.append((module, attribute, original))
-        self._freezer.undo_changes = kept
-
-    def move_to(self, instant: dt.datetime) -> None:
-        self._factory.move_to(_naive_utc(instant))
-
-    def stop(self) -> None:
-        from freezegun import api
-
-        api.datetime_to_fakedatetime = self._dropping_fold
-        self._freezer.stop()
-
-
-def _teach_pydantic_fake_dates() -> None:
-    """Let pydantic build schemas for annotations that freezegun turned into its fake classes.
-
-    freezegun replaces ``datetime`` in every module that imported it, so FastAPI, resolving a
-    route's ``run_at: datetime`` annotation during the test, gets ``FakeDatetime`` and
-    pydantic refuses it. They validate as the real types.
-    """
-    from freezegun import api
-
-    def datetime_schema(cls: type, source: Any, handler: Any) -> Any:
-        return handler.generate_schema(api.real_datetime)
-
-    def date_schema(cls: type, source: Any, handler: Any) -> Any:
-        return handler.generate_schema(api.real_date)
-
-    api.FakeDatetime.__get_pydantic_core_schema__ = classmethod(datetime_schema)  # type: ignore[attr-defined]
-    api.FakeDate.__get_pydantic_core_schema__ = classmethod(date_schema)  # type: ignore[attr-defined]
-
-
-class TimeMachineWallClock:
-    """time-machine: patches the C-level clocks, so every thread agrees; fast to start."""
-
-    name = "time-machine"
-
-    def start(self, instant: dt.datetime) -> None:
-        try:
-            import time_machine
-        except ImportError:
-            raise pytest.UsageError(
-                "fastsched_clock_backend = 'time-machine' needs the time-machine package: "
-                "pip install 'pytest-fastsched[time-machine]'"
-            ) from None
-        self._instant = instant
-        self._travel = time_machine.travel(_naive_utc(instant), tick=False)
-        self._traveller = self._travel.start()
-
-    def move_to(self, instant: dt.datetime) -> None:
-        self._traveller.shift(instant - self._instant)
-        self._instant = instant
-
-    def stop(self) -> None:
-        self._travel.stop()
-
-
-def make_wall_clock(backend: str) -> WallClock:
-    """The wall-clock backend called ``backend`` (``freezegun`` or ``time-machine``)."""
-    if backend == "time-machine":
-        return TimeMachineWallClock()
-    return FreezegunWallClock()
 
 
 class _Inflight:

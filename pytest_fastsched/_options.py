@@ -2,15 +2,19 @@
 
 Every setting is declared once in :data:`OPTIONS`; ``plugin.py`` registers each one as an ini
 option ``fastsched_<name>`` and a command-line option ``--fastsched-<name>`` (the command line
-wins). :func:`load_settings` validates them once, in ``pytest_configure``.
+wins). :func:`load_settings` validates them once, in ``pytest_configure``, and
+:func:`report_header` echoes them. The helpers every room uses to name a wrong value
+(:func:`describe`, :func:`failure`) live here too.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import difflib
 import importlib
+import os
 import re
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -123,6 +127,17 @@ OPTIONS: tuple[Option, ...] = (
         flag=True,
     ),
 )
+
+
+def add_options(parser: pytest.Parser) -> None:
+    """Register every setting as an ini option and its command-line twin, in one group."""
+    group = parser.getgroup("fastsched", "pytest-fastsched: virtual time for APScheduler jobs")
+    for option in OPTIONS:
+        kind = {"action": "store_const", "const": "true"} if option.flag else {"metavar": "VALUE"}
+        group.addoption(
+            option.cli_name, dest=option.ini_name, default=None, help=option.help, **kind
+        )
+        parser.addini(option.ini_name, help=option.help, default=option.default)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -284,7 +299,104 @@ def load_settings(config: pytest.Config) -> Settings:
         ),
     )
     _check_schema_sources(settings)
+    _check_database_url(settings.database)
     return settings
+
+
+def _check_database_url(database: str) -> None:
+    if "://" not in database:
+        return
+    scheme = database.partition("://")[0].partition("+")[0]
+    if scheme not in ("postgresql", "postgres"):
+        raise pytest.UsageError(
+            f"fastsched_database = {redact(database)!r} is not a PostgreSQL URL: use "
+            "'sqlite', 'postgresql' (a local server the plugin starts) or the URL of an "
+            "existing PostgreSQL server, such as "
+            "'postgresql+asyncpg://user:password@localhost:5432/postgres' (the plugin works "
+            f"in a scratch database it creates and drops there). See {DOCS}"
+        )
+
+
+def redact(database: str) -> str:
+    """A database URL with its password hidden: ``postgresql://user:***@host/db``."""
+    scheme, sep, rest = database.partition("://")
+    if not sep or "@" not in rest:
+        return database
+    credentials, _, host = rest.rpartition("@")
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}"
+
+
+def report_header(settings: Settings, rootpath: Path) -> list[str]:
+    """The lines of the test session's header: the settings in use."""
+    lines = [
+        f"fastsched: database={redact(settings.database)}, "
+        f"clock_backend={settings.clock_backend}, start={settings.start.isoformat()}, "
+        f"scheduler={settings.scheduler or '-'}, sessionmaker={settings.sessionmaker or '-'}, "
+        f"app={settings.app or '-'}"
+    ]
+    if settings.engine_options is not None or settings.prepared_statements != "ignore":
+        lines.append(
+            f"fastsched engine: engine_options={settings.engine_options or '-'}, "
+            f"prepared_statements={settings.prepared_statements}"
+        )
+    if settings.track or settings.timeline:
+        tracked = " ".join(
+            ":".join([spec.table, spec.status, spec.error or "", *spec.others]).rstrip(":")
+            for spec in settings.track
+        )
+        timeline = "on" if settings.timeline else "off"
+        lines.append(f"fastsched history: track={tracked or '-'}, timeline={timeline}")
+    schema = {
+        "alembic": settings.alembic and os.path.relpath(settings.alembic, rootpath),
+        "tables": " ".join(settings.tables),
+        "extensions": " ".join(settings.extensions),
+        "seed_tables": " ".join(settings.seed_tables),
+    }
+    if any(schema.values()):
+        values = ", ".join(f"{key}={value or '-'}" for key, value in schema.items())
+        lines.append(f"fastsched schema: {values}")
+    return lines
+
+
+def import_before_clock(settings: Settings, fixtures: set[str]) -> None:
+    """Import what the collected tests need now, before a test starts the virtual clock.
+
+    Some modules fail to import under freezegun's fake datetime classes: FastAPI imports
+    pydantic.v1 when it builds its first route; asyncpg's C extension checks the size of
+    ``datetime.date``. So the app's modules are imported when a test uses the plugin, and the
+    database driver when a test uses ``fastsched_db``. Errors of the app's paths are left to
+    the fixtures, which report them against the test that needs the path.
+    """
+    if not any(name.startswith("fastsched_") for name in fixtures):
+        return
+    for option, path in (
+        ("fastsched_scheduler", settings.scheduler),
+        ("fastsched_sessionmaker", settings.sessionmaker),
+        ("fastsched_metadata", settings.metadata),
+        ("fastsched_app", settings.app),
+    ):
+        if path is not None:
+            with contextlib.suppress(pytest.UsageError):
+                resolve(path, option)
+    if "fastsched_db" in fixtures:
+        sqlite = settings.database == "sqlite"
+        dialect = "sqlite.aiosqlite" if sqlite else "postgresql.asyncpg"
+        importlib.import_module(f"sqlalchemy.dialects.{dialect}")
+        importlib.import_module("aiosqlite" if sqlite else "asyncpg")
+
+
+def describe(value: object) -> str:
+    """What a setting points at, for messages: ``a module.Class`` or ``the class module.C``."""
+    if isinstance(value, type):
+        return f"the class {value.__module__}.{value.__qualname__}"
+    kind = type(value)
+    return f"a {kind.__module__}.{kind.__qualname__}"
+
+
+def failure(message: str) -> BaseException:
+    """A test failure that shows only ``message`` (the plugin's frames say nothing useful)."""
+    return pytest.fail.Exception(message, pytrace=False)
 
 
 def resolve(path: str, option_name: str) -> Any:

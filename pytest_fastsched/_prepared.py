@@ -40,7 +40,7 @@ from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncConnection
 from sqlalchemy.util import await_only
 
-from pytest_fastsched._scheduler import RunRef, current_run
+from pytest_fastsched._records import RunRef, current_run
 
 if TYPE_CHECKING:
     from sqlalchemy.engine import Connection, Engine

@@ -41,11 +41,12 @@ import copy
 from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
+from pytest_fastsched._scheduler import SchedulerHarness
+
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
     from pytest_fastsched._clock import VirtualClock
-    from pytest_fastsched._scheduler import SchedulerHarness
 
 _JOB_OPTIONS = ("name", "misfire_grace_time", "coalesce", "max_instances", "executor")
 
@@ -109,8 +110,6 @@ class ReplicaSet:
                 scheduler.remove_all_jobs()
 
     def _start(self) -> None:
-        from pytest_fastsched._scheduler import SchedulerHarness
-
         if self.harnesses or self._closed:
             return
         main = self.main

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import contextvars
 import copy
 import dataclasses
 import datetime as dt
@@ -23,66 +22,26 @@ import re
 import threading
 import warnings
 from collections.abc import Callable, Iterator
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import pytest
 
 from pytest_fastsched import _asserts
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
+from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
 
-Outcome = Literal["running", "success", "error", "missed", "skipped"]
+ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
+"""Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
+
+
+class Replicas(Protocol):
+    """The replicas of a harness's scheduler, stopped with it."""
+
+    def close(self) -> None: ...
 
 
 class FastschedWarning(pytest.PytestWarning):
     """Something in the app's scheduler setup may not behave as it would in production."""
-
-
-class JobRunError(AssertionError):
-    """A job raised an exception (or could not run) while the clock was moving time."""
-
-
-@dataclasses.dataclass
-class JobRun:
-    """One run (or missed / skipped run) of a job, in virtual time."""
-
-    job_id: str
-    scheduled: dt.datetime
-    started: dt.datetime | None
-    finished: dt.datetime | None = None
-    outcome: Outcome = "running"
-    exception: BaseException | None = None
-    traceback: str | None = None
-    retval: Any = None
-    manual: bool = False
-    replica: int = 0
-    """Which copy of the app's scheduler ran it: 0 is the app's own, 1... its replicas."""
-
-    def describe(self) -> str:
-        """One aligned line of the run log."""
-        where = "manual" if self.manual else "scheduled"
-        replica = f"  replica {self.replica}" if self.replica else ""
-        line = f"{self.job_id}{replica}  {where} {self.scheduled.isoformat()}  {self.outcome}"
-        if self.finished is not None and self.started is not None:
-            line += f"  ({(self.finished - self.started).total_seconds():g}s)"
-        if self.exception is not None:
-            line += f"  {type(self.exception).__name__}: {self.exception}"
-        return line
-
-
-@dataclasses.dataclass(frozen=True)
-class RunRef:
-    """The job run some code runs in: the job's id, the run's scheduled time, the replica."""
-
-    job_id: str
-    scheduled: dt.datetime
-    replica: int = 0
-
-
-current_run: contextvars.ContextVar[RunRef | None] = contextvars.ContextVar(
-    "fastsched_current_run", default=None
-)
-"""The job run of the running code: set in each job's task (and the executor threads it
-starts), ``None`` in the test itself. ``fastsched_history`` stamps each write with it."""
 
 
 @dataclasses.dataclass
@@ -145,13 +104,19 @@ class SchedulerHarness:
     """
 
     def __init__(
-        self, clock: VirtualClock, *, job_errors: str = "raise", replica: int = 0
+        self,
+        clock: VirtualClock,
+        *,
+        job_errors: str = "raise",
+        replica: int = 0,
+        replicas: ReplicaFactory | None = None,
     ) -> None:
         self.clock = clock
         self.job_errors = job_errors
         self.replica = replica
         self.replica_count = 1
-        self._replica_set: Any = None
+        self._make_replicas = replicas
+        self._replica_set: Replicas | None = None
         self._replica_engine: Callable[[], Any] | None = None
         self.runs: list[JobRun] = []
         self.scheduler: Any = None
@@ -208,12 +173,15 @@ class SchedulerHarness:
         whose pool the replicas' connections are opened in when they start (the plugin passes
         the test database's). See :mod:`._replicas`.
         """
-        from pytest_fastsched import _replicas
-
+        if self._make_replicas is None:
+            raise ClockError(
+                "this SchedulerHarness was made without replicas: use the fastsched_scheduler "
+                "fixture, whose harness can run them"
+            )
         self.replica_count = count
         self._replica_engine = engine
         if self.scheduler is not None and self._replica_set is None and count > 1:
-            self._replica_set = _replicas.ReplicaSet(self, count, engine or (lambda: None))
+            self._replica_set = self._make_replicas(self, count, engine or (lambda: None))
 
     def _all_jobs(self) -> list[Any]:
         return list(self.scheduler.get_jobs())
@@ -532,7 +500,7 @@ class SchedulerHarness:
         elif expected_at is not None and started != expected_at:
             problem = (_asserts.run_times(expected_at), _asserts.run_times(started))
         if problem is not None:
-            now = _asserts.format_time(self.clock.now())
+            now = format_time(self.clock.now())
             raise AssertionError(_asserts.ran_failure(job_id, problem, self.runs_of(job_id), now))
 
     def job_if_known(self, job_id: str) -> None:

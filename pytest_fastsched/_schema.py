@@ -31,7 +31,6 @@ from pathlib import Path
 from types import FrameType, ModuleType
 from typing import TYPE_CHECKING, Any
 
-import pytest
 from sqlalchemy import ARRAY, MetaData, Table, TypeDecorator, insert, inspect, select
 from sqlalchemy.dialects.postgresql import ENUM
 from sqlalchemy.engine import Connection, Dialect
@@ -40,6 +39,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 from sqlalchemy.types import TypeEngine
 
 from pytest_fastsched import _options
+from pytest_fastsched._options import failure
 
 if TYPE_CHECKING:
     from alembic.config import Config
@@ -53,11 +53,6 @@ CONNECTION_RECIPE = (
 
 SchemaHook = Callable[..., Sequence[object]]
 """``config.hook.pytest_fastsched_create_schema``: called with ``connection`` and ``dialect``."""
-
-
-def _fail(message: str) -> BaseException:
-    """A test failure that shows only ``message`` (the plugin's frames say nothing useful)."""
-    return pytest.fail.Exception(message, pytrace=False)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,7 +126,7 @@ class Schema:
                 async with engine.begin() as connection:
                     await connection.exec_driver_sql(statement)
             except Exception as error:
-                raise _fail(
+                raise failure(
                     f"fastsched_extensions: {statement} failed: {_error_line(error)}. Install "
                     "the extension on the PostgreSQL server, or remove it from "
                     "fastsched_extensions."
@@ -144,7 +139,7 @@ class Schema:
             async with engine.begin() as connection:
                 await connection.run_sync(self._create_tables, metadata)
         except Exception as error:
-            raise _fail(self._create_all_failure(error, engine.dialect.name)) from None
+            raise failure(self._create_all_failure(error, engine.dialect.name)) from None
 
     def _create_tables(self, connection: Connection, metadata: MetaData) -> None:
         tables = self._selected_tables()
@@ -161,7 +156,7 @@ class Schema:
         unknown = [name for name in self.tables if name not in self.metadata.tables]
         if unknown:
             known = ", ".join(sorted(self.metadata.tables)) or "none"
-            raise _fail(
+            raise failure(
                 f"fastsched_tables names {', '.join(map(repr, unknown))}, which "
                 f"{'is' if len(unknown) == 1 else 'are'} not in fastsched_metadata = "
                 f"{self.metadata_path!r} (its tables: {known})."
@@ -212,7 +207,7 @@ class Schema:
                     async with engine.begin() as connection:
                         await connection.run_sync(_upgrade_on, config)
         except Exception as error:
-            raise _fail(self._migration_failure(error, engine.dialect.name)) from None
+            raise failure(self._migration_failure(error, engine.dialect.name)) from None
 
     def _migration_failure(self, error: Exception, dialect: str) -> str:
         assert self.alembic is not None
@@ -232,12 +227,12 @@ class Schema:
         try:
             results = self.hook(connection=connection, dialect=connection.dialect.name)
         except Exception as error:
-            raise _fail(self._hook_failure(error, connection.dialect.name)) from None
+            raise failure(self._hook_failure(error, connection.dialect.name)) from None
         for result in results:
             if pyinspect.iscoroutine(result):
                 result.close()
                 code = result.cr_code
-                raise _fail(
+                raise failure(
                     f"{HOOK_NAME} ({_shown(code.co_filename)}, line {code.co_firstlineno}) is "
                     "a coroutine function: the hook is called synchronously, with a "
                     "sqlalchemy Connection. Write it as a plain def; connection.execute(...) "
@@ -263,7 +258,7 @@ class Schema:
     def _check_built(self, connection: Connection) -> None:
         names = set(inspect(connection).get_table_names())
         if self.alembic is not None and not names:
-            raise _fail(
+            raise failure(
                 f"fastsched_alembic = {_shown(self.alembic)!r}: alembic upgrade heads ran, but "
                 f"the test database is still empty (not even an {ALEMBIC_VERSION_TABLE} "
                 "table): env.py migrated another database. Let env.py use the connection in "
@@ -273,7 +268,7 @@ class Schema:
         missing = [name for name in self.seed_tables if name not in names]
         if missing:
             known = ", ".join(sorted(names)) or "none"
-            raise _fail(
+            raise failure(
                 f"fastsched_seed_tables names {', '.join(map(repr, missing))}, which the test "
                 f"database does not have (its tables: {known})."
             )
@@ -315,7 +310,7 @@ def _alembic_config(ini_path: str) -> tuple[ModuleType, Config]:
         from alembic import command
         from alembic.config import Config
     except ImportError:
-        raise _fail(
+        raise failure(
             f"fastsched_alembic = {_shown(ini_path)!r} needs Alembic, which is not installed: "
             "pip install 'pytest-fastsched[alembic]'."
         ) from None

@@ -14,7 +14,7 @@ import pytest
 from sqlalchemy import Column, Integer, MetaData, Table, insert, select
 from sqlalchemy.ext.asyncio import create_async_engine
 
-from pytest_fastsched import _db
+from pytest_fastsched import _testdb
 
 NO_RANDOM_ORDER = ("-p", "no:randomly")
 
@@ -301,7 +301,7 @@ def test_sqlite_needs_the_savepoint_workaround(tmp_path: Path) -> None:
     url = f"sqlite+aiosqlite:///{tmp_path / 'leak.db'}"
 
     async def rows_left_after_rollback(with_workaround: bool) -> list[int]:
-        engine = _db.create_engine(url) if with_workaround else create_async_engine(url)
+        engine = _testdb.create_engine(url) if with_workaround else create_async_engine(url)
         try:
             async with engine.begin() as connection:
                 await connection.run_sync(table.metadata.drop_all)

@@ -118,7 +118,7 @@ def test_each_guard_fails_the_test_with_its_fix(db_suite: pytest.Pytester) -> No
     db_suite.makepyfile(test_guarded=GUARDED)
     result = db_suite.runpytest_inprocess("-p", "no:randomly", "--tb=short")
     result.assert_outcomes(passed=1, failed=6)
-    error = "E   pytest_fastsched._db.DatabaseGuardError: "
+    error = "E   pytest_fastsched.DatabaseGuardError: "
     for test, message in [
         ("test_second_connection", SECOND_CONNECTION),
         ("test_the_apps_own_engine", APP_ENGINE),

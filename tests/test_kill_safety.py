@@ -188,12 +188,12 @@ def test_scratch_databases_of_live_or_foreign_runs_are_left_alone(
 
 _DROP_STALE = """
 import asyncio, sys
-from pytest_fastsched import _db
+from pytest_fastsched import _testdb
 
 async def main():
-    engine = _db._admin_engine(_db.asyncpg_url(sys.argv[1]))
+    engine = _testdb._admin_engine(_testdb.asyncpg_url(sys.argv[1]))
     async with engine.connect() as connection:
-        await _db._drop_stale_databases(connection)
+        await _testdb._drop_stale_databases(connection)
     await engine.dispose()
 
 asyncio.run(main())

@@ -159,7 +159,7 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(
         [
-            "E       pytest_fastsched._scheduler.JobRunError: job 'boom' (scheduled "
+            "E       pytest_fastsched.JobRunError: job 'boom' (scheduled "
             "2030-01-01T00:03:00+00:00) raised ValueError: boom at the third step",
             "E       at virtual 2030-01-01T00:03:00+00:00",
         ],
@@ -331,6 +331,8 @@ def test_plugin_is_inert_for_suites_that_do_not_use_it(pytester: pytest.Pytester
         def test_nothing_heavy_imported():
             assert "apscheduler" not in sys.modules
             assert "freezegun" not in sys.modules
+            assert "sqlalchemy" not in sys.modules
+            assert "fastapi" not in sys.modules
         """
     )
     pytester.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=1)

@@ -9,6 +9,7 @@ import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from pytest_fastsched import SchedulerHarness, VirtualClock
+from pytest_fastsched._clock import ClockError
 from pytest_fastsched._postgres import EphemeralPostgres
 
 UTC = dt.timezone.utc
@@ -155,4 +156,14 @@ def test_a_naive_job_on_two_replicas_processes_rows_twice(
             "replica 1  job  scheduled 2030-01-01T00:05:00+00:00  success  returned [[]*3]",
         ],
         consecutive=True,
+    )
+
+
+def test_a_harness_made_without_replicas_says_where_replicas_come_from() -> None:
+    harness = SchedulerHarness(VirtualClock(start=START))
+    with pytest.raises(ClockError) as excinfo:
+        harness.use_replicas(2)
+    assert excinfo.value.args == (
+        "this SchedulerHarness was made without replicas: use the fastsched_scheduler "
+        "fixture, whose harness can run them",
     )

@@ -1,0 +1,109 @@
+"""What the plugin adds to pytest's reports of a test, and to the end of the session.
+
+- Sections of a failing test's report: the database guard errors a job swallowed, a hint for
+  SQLAlchemy's ``MissingGreenlet``, the timeline of job runs and row writes
+  (``--fastsched-timeline``, every test with ``-v``), and which replica ran which job run.
+- The timelines of the tests that passed, with ``--fastsched-timeline -v``, at the end.
+
+Each is built from what the fixtures left on the test (its ``fastsched_db``, its
+``fastsched_scheduler`` and ``fastsched_history``). SQLAlchemy is imported only when the
+session already loaded it.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import TYPE_CHECKING, Any
+
+import pytest
+
+from pytest_fastsched import _asserts, _options
+
+if TYPE_CHECKING:
+    from pytest_fastsched._db import Database
+
+TIMELINE_SECTION = "fastsched timeline"
+REPLICAS_SECTION = "fastsched replicas"
+GUARD_SECTION = "fastsched_db guard"
+HINT_SECTION = "pytest-fastsched hint"
+
+MISSING_GREENLET_HINT = (
+    "MissingGreenlet: SQLAlchemy had to do database I/O where it could not be awaited. "
+    "Usual causes:\n"
+    "- an attribute read after commit(): commit expires the loaded objects "
+    "(expire_on_commit=True, the default), so the next read reloads it implicitly; read the "
+    "values before the commit, `await session.refresh(obj)`, or build the sessionmaker with "
+    "expire_on_commit=False;\n"
+    "- a lazy-loaded relationship: load it eagerly (`selectinload(...)`) or read it with "
+    "`await obj.awaitable_attrs.<name>`;\n"
+    "- a synchronous Session or engine call made from async code.\n"
+    "pytest-fastsched keeps the app's session settings as the app set them: this fails in "
+    "production too."
+)
+
+
+def add_sections(
+    report: pytest.TestReport,
+    item: pytest.Item,
+    call: pytest.CallInfo[None],
+    settings: _options.Settings,
+    database: Database | None,
+) -> None:
+    """Add the plugin's sections to the report of one phase of a test."""
+    if call.excinfo is not None:
+        _failure_sections(report, call.excinfo.value, database)
+    if report.when != "call":
+        return
+    values: dict[str, Any] = getattr(item, "funcargs", {})
+    history = values.get("fastsched_history")
+    harness = values.get("fastsched_scheduler")
+    shown = report.failed or item.config.get_verbosity() > 0
+    if settings.timeline and shown and (history is not None or harness is not None):
+        records = history.all_records() if history is not None else []
+        error_columns = history.error_columns() if history is not None else {}
+        runs = harness.runs if harness is not None else []
+        text = _asserts.timeline_report(records, error_columns, runs)
+        if text is not None:
+            report.sections.append((TIMELINE_SECTION, text))
+    if report.failed and harness is not None and harness.replica_count > 1:
+        from pytest_fastsched import _replicas
+
+        report.sections.append((REPLICAS_SECTION, _replicas.report(harness.runs)))
+
+
+def _failure_sections(
+    report: pytest.TestReport, failure: BaseException, database: Database | None
+) -> None:
+    addsection = getattr(report.longrepr, "addsection", None)
+    if addsection is None or "sqlalchemy" not in sys.modules:
+        return  # without SQLAlchemy, neither a database nor MissingGreenlet
+    from pytest_fastsched._isolation import exception_chain
+
+    chain = list(exception_chain(failure))
+    if database is not None:
+        reported = {id(link) for link in chain}
+        for error in database.guard_errors:
+            if id(error) not in reported:
+                addsection(GUARD_SECTION, str(error))
+    if any(type(link).__name__ == "MissingGreenlet" for link in chain):
+        addsection(HINT_SECTION, MISSING_GREENLET_HINT)
+
+
+def terminal_summary(
+    terminalreporter: pytest.TerminalReporter, config: pytest.Config, settings: _options.Settings
+) -> None:
+    """With ``--fastsched-timeline -v``, the timelines of the tests that passed."""
+    if not settings.timeline or config.get_verbosity() <= 0:
+        return
+    shown = [
+        (report.nodeid, content)
+        for report in terminalreporter.stats.get("passed", [])
+        for name, content in getattr(report, "sections", [])
+        if name == TIMELINE_SECTION
+    ]
+    if not shown:
+        return
+    terminalreporter.write_sep("=", TIMELINE_SECTION)
+    for nodeid, content in shown:
+        terminalreporter.write_sep("-", nodeid)
+        terminalreporter.write_line(content)

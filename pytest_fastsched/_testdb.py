@@ -1,0 +1,499 @@
+"""The test database of this process: where it lives, how it is made, emptied and dropped.
+
+- ``sqlite``: a file in a private temporary directory (separate connections, as in ``commit``
+  isolation, see the same data), removed at exit;
+- ``postgresql`` or a PostgreSQL URL: a scratch database per process (per xdist worker), a
+  copy of a template database that holds the schema, on the plugin's ephemeral server
+  (:mod:`pytest_fastsched._postgres`) or on the given server, never in the named database.
+  The xdist controller (:class:`Controller`) starts the one server of a run and hands it to
+  the workers; scratch databases carry their creator, so a later run drops those of killed
+  runs.
+
+Engines belong to the event loop that made them (asyncpg connections cannot move between
+loops), so there is one engine per loop, made on first use in that loop and disposed when the
+loop shuts down (an asynchronous generator parked in the loop is closed by
+``loop.shutdown_asyncgens()``, which ``asyncio.Runner`` calls before closing the loop).
+
+What a test may do with the database, and what is undone after it, is
+:mod:`pytest_fastsched._isolation`'s business; the object tests see is
+:mod:`pytest_fastsched._db`'s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import os
+import secrets
+import shutil
+import socket
+import tempfile
+from collections.abc import AsyncIterator, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+from sqlalchemy import MetaData, Table, event, inspect, text
+from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.exc import ArgumentError
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
+from sqlalchemy.pool import NullPool
+
+from pytest_fastsched import _options, _postgres, _schema
+from pytest_fastsched._options import describe, failure
+
+RUN_ID_INPUT = "fastsched_run_id"
+SERVER_INPUT = "fastsched_postgres_directory"
+ERROR_INPUT = "fastsched_database_error"
+TEMPLATE_LOCK = 0x66617374  # an advisory lock id: the workers of a run build the template once
+CONNECT_TIMEOUT = 10.0
+
+
+# -- engines -----------------------------------------------------------------------------------
+
+
+def create_engine(url: str, **options: Any) -> AsyncEngine:
+    """An async engine for ``url``; on SQLite with the pysqlite savepoint workaround.
+
+    sqlite3 (and so aiosqlite) does not emit BEGIN before SAVEPOINT or DDL, so a savepoint
+    "commit" would really commit and a rollback would not undo it. The documented workaround
+    turns the driver's own transaction handling off and emits BEGIN from an engine event.
+    """
+    engine = create_async_engine(url, **options)
+    if engine.dialect.name == "sqlite":
+        event.listen(engine.sync_engine, "connect", _sqlite_connect)
+        event.listen(engine.sync_engine, "begin", _sqlite_begin)
+    return engine
+
+
+def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    # WAL: readers do not block the writer, for commit isolation's separate connections.
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=OFF")
+    cursor.close()
+    dbapi_connection.isolation_level = None
+
+
+def _sqlite_begin(connection: Connection) -> None:
+    # Straight to aiosqlite (SQLAlchemy's AdaptedConnection.run_async): one call to the
+    # driver's thread instead of three (cursor, execute, close).
+    dbapi_connection = connection.connection.dbapi_connection
+    dbapi_connection.run_async(lambda driver: driver.execute("BEGIN"))  # type: ignore[union-attr]
+
+
+# -- where the test database lives ---------------------------------------------------------
+
+
+class _SqliteLocation:
+    """A database file in a private temporary directory of this process."""
+
+    def __init__(self) -> None:
+        self.directory = Path(tempfile.mkdtemp(prefix="pytest-fastsched-sqlite-"))
+        self.url = f"sqlite+aiosqlite:///{self.directory / 'test.db'}"
+
+    async def create(self, schema: _schema.Schema) -> None:
+        engine = create_engine(self.url, poolclass=NullPool)
+        try:
+            await schema.build(engine)
+        finally:
+            await engine.dispose()
+
+    def remove(self) -> None:
+        shutil.rmtree(self.directory, ignore_errors=True)
+
+
+class _PostgresLocation:
+    """A scratch database of this process, cloned from the run's template database."""
+
+    def __init__(self, admin_url: str, run_id: str, worker: str) -> None:
+        self.admin_url = admin_url
+        self.template = _template_name(run_id)
+        self.name = f"fastsched_{run_id}_{worker}".lower()
+        self.url = _with_database(admin_url, self.name)
+
+    async def create(self, schema: _schema.Schema) -> None:
+        admin = _admin_engine(self.admin_url)
+        try:
+            connection = await _connect(admin)
+            try:
+                await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
+                await _drop_stale_databases(connection)
+                await self._create_template(connection, schema)
+                await connection.exec_driver_sql(
+                    f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
+                )
+                await _mark_owner(connection, self.name)
+            finally:
+                await connection.close()  # which releases the advisory lock
+        finally:
+            await admin.dispose()
+
+    async def _create_template(self, admin: AsyncConnection, schema: _schema.Schema) -> None:
+        exists = await admin.scalar(
+            text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.template}
+        )
+        if exists:
+            return
+        await admin.exec_driver_sql(f"CREATE DATABASE {_quote(self.template)}")
+        await _mark_owner(admin, self.template)
+        engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
+        try:
+            await schema.build(engine)
+        except BaseException:
+            await engine.dispose()
+            await _drop_database(admin, self.template)
+            raise
+        await engine.dispose()
+
+    def drop(self, *, template: bool) -> None:
+        """Drop this process's database (and the run's template) from the server."""
+        names = [self.name, self.template] if template else [self.name]
+        _postgres._run_in_fresh_loop(_drop_databases(self.admin_url, names))
+
+
+# Scratch databases carry their creator in a comment, so that a later run can drop the ones
+# whose process was killed before it could drop them itself.
+_OWNER_PREFIX = "pytest-fastsched scratch database of "
+
+
+async def _mark_owner(admin: AsyncConnection, name: str) -> None:
+    owner = f"{_OWNER_PREFIX}{socket.gethostname()}:{os.getpid()}"
+    await admin.exec_driver_sql(f"COMMENT ON DATABASE {_quote(name)} IS '{owner}'")
+
+
+async def _drop_stale_databases(admin: AsyncConnection) -> None:
+    """Drop scratch databases left by killed runs: made on this host by a process now gone."""
+    rows = await admin.execute(
+        text(
+            "SELECT datname, shobj_description(oid, 'pg_database') FROM pg_database "
+            "WHERE datname LIKE 'fastsched\\_%'"
+        )
+    )
+    for name, comment in rows.all():
+        if _stale(str(comment or "")):
+            await _drop_database(admin, name)
+
+
+def _stale(comment: str) -> bool:
+    if not comment.startswith(_OWNER_PREFIX):
+        return False  # not ours, or made before scratch databases were marked
+    host, _, pid = comment.removeprefix(_OWNER_PREFIX).rpartition(":")
+    return host == socket.gethostname() and pid.isdigit() and not _postgres._pid_alive(int(pid))
+
+
+def _template_name(run_id: str) -> str:
+    return f"fastsched_{run_id}_template"
+
+
+def _admin_engine(url: str) -> AsyncEngine:
+    return create_engine(
+        url,
+        poolclass=NullPool,
+        isolation_level="AUTOCOMMIT",
+        connect_args={"timeout": CONNECT_TIMEOUT},
+    )
+
+
+async def _drop_databases(admin_url: str, names: Sequence[str]) -> None:
+    admin = _admin_engine(admin_url)
+    try:
+        async with admin.connect() as connection:
+            for name in names:
+                await _drop_database(connection, name)
+    finally:
+        await admin.dispose()
+
+
+async def _drop_database(admin: AsyncConnection, name: str) -> None:
+    await admin.exec_driver_sql(f"DROP DATABASE IF EXISTS {_quote(name)} WITH (FORCE)")
+
+
+def _quote(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _with_database(url: str, database: str) -> str:
+    return make_url(url).set(database=database).render_as_string(hide_password=False)
+
+
+def asyncpg_url(url: str) -> str:
+    """``url`` with the asyncpg driver, the one async PostgreSQL driver the plugin ships."""
+    return make_url(url).set(drivername="postgresql+asyncpg").render_as_string(False)
+
+
+async def _connect(admin: AsyncEngine) -> AsyncConnection:
+    try:
+        return await admin.connect()
+    except Exception as error:
+        url = admin.url.render_as_string(hide_password=True)
+        raise failure(
+            f"fastsched_database = {url!r}: cannot connect to the server: "
+            f"{type(error).__name__}: {error}. Start the server or fix the URL (host, port, "
+            "user, password), or set fastsched_database = postgresql to let the plugin run a "
+            "local server."
+        ) from None
+
+
+# -- the xdist controller ------------------------------------------------------------------
+
+
+class Controller:
+    """The xdist controller's share: one run id and one ephemeral server for all workers."""
+
+    def __init__(self, database: str) -> None:
+        self.database = database
+        self.run_id = secrets.token_hex(4)
+        self.server: _postgres.EphemeralPostgres | None = None
+        self.error: str | None = None
+
+    def workerinput(self) -> dict[str, str]:
+        """What each worker needs to find the run's server and databases."""
+        if self.database == "postgresql" and self.server is None and self.error is None:
+            try:
+                self.server = _postgres.EphemeralPostgres.start()
+            except (_postgres.PostgresNotFound, _postgres.PostgresError) as error:
+                self.error = _server_error(error)
+        values = {RUN_ID_INPUT: self.run_id}
+        if self.server is not None:
+            values[SERVER_INPUT] = str(self.server.directory)
+        if self.error is not None:
+            values[ERROR_INPUT] = self.error
+        return values
+
+    def close(self) -> None:
+        """Stop the server, or drop the run's template from the user's server."""
+        if self.server is not None:
+            self.server.stop()
+        elif "://" in self.database:
+            template = _template_name(self.run_id)
+            with contextlib.suppress(Exception):
+                _postgres._run_in_fresh_loop(
+                    _drop_databases(asyncpg_url(self.database), [template])
+                )
+
+
+def _server_error(error: Exception) -> str:
+    if isinstance(error, _postgres.PostgresNotFound):
+        return f"fastsched_database = 'postgresql': {error}"
+    return f"fastsched_database = 'postgresql': the local PostgreSQL server did not start: {error}"
+
+
+# -- the test database of this process -----------------------------------------------------
+
+
+@dataclasses.dataclass
+class _LoopEngine:
+    engine: AsyncEngine
+    keeper: AsyncIterator[None]
+
+
+class TestDatabase:
+    """The test database of one pytest process (one xdist worker), made on first use."""
+
+    __test__ = False  # not a test class, whatever its name
+
+    def __init__(
+        self,
+        settings: _options.Settings,
+        *,
+        worker: str = "main",
+        workerinput: Mapping[str, Any] | None = None,
+        schema_hook: _schema.SchemaHook | None = None,
+    ) -> None:
+        self.settings = settings
+        self._schema_hook = schema_hook
+        self.schema = _schema.Schema()
+        self.seeds = _schema.Seeds(settings.seed_tables)
+        self.worker = worker
+        self._workerinput = dict(workerinput or {})
+        self._owner = workerinput is None
+        self._run_id = self._workerinput.get(RUN_ID_INPUT) or secrets.token_hex(4)
+        self._server: _postgres.EphemeralPostgres | None = None
+        self._location: _SqliteLocation | _PostgresLocation | None = None
+        self.metadata: MetaData | None = None
+        self._engine_options_source: object = None
+        self.engine_options: dict[str, Any] = {}
+        self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
+
+    async def create(self) -> None:
+        """Resolve the app's metadata and engine options, then create the database."""
+        __tracebackhide__ = True
+        self._resolve_app()
+        if ERROR_INPUT in self._workerinput:
+            raise failure(self._workerinput[ERROR_INPUT])
+        location: _SqliteLocation | _PostgresLocation
+        if self.settings.database == "sqlite":
+            location = _SqliteLocation()
+        else:
+            location = _PostgresLocation(self._admin_url(), self._run_id, self.worker)
+        self._location = location
+        if self.settings.engine_options is not None:
+            self.engine_options = _check_engine_options(
+                self._engine_options_source, self.settings.engine_options, location.url
+            )
+        await location.create(self.schema)
+        await self.seeds.snapshot(await self.engine())
+
+    def _resolve_app(self) -> None:
+        settings = self.settings
+        try:
+            if settings.metadata is not None:
+                self.metadata = _check_metadata(
+                    _options.resolve(settings.metadata, "fastsched_metadata"), settings.metadata
+                )
+            if settings.engine_options is not None:
+                self._engine_options_source = _options.resolve(
+                    settings.engine_options, "fastsched_engine_options"
+                )
+        except pytest.UsageError as error:
+            raise failure(str(error)) from None
+        self.schema = _schema.Schema.from_settings(settings, self.metadata, self._schema_hook)
+
+    def _admin_url(self) -> str:
+        """The server's URL of a database to connect to, never one the tests use."""
+        database = self.settings.database
+        if database != "postgresql":
+            return asyncpg_url(database)
+        directory = self._workerinput.get(SERVER_INPUT)
+        if directory is not None:
+            self._server = _postgres.EphemeralPostgres.attach(directory)
+        else:
+            try:
+                self._server = _postgres.EphemeralPostgres.start()
+            except (_postgres.PostgresNotFound, _postgres.PostgresError) as error:
+                raise failure(_server_error(error)) from None
+        return self._server.url()
+
+    @property
+    def url(self) -> str:
+        """The URL of the test database (after :meth:`create`)."""
+        assert self._location is not None, "TestDatabase.create() has not run"
+        return self._location.url
+
+    @property
+    def dialect(self) -> str:
+        """``sqlite`` or ``postgresql``."""
+        return "sqlite" if self.settings.database == "sqlite" else "postgresql"
+
+    # -- engines, one per event loop
+
+    async def engine(self) -> AsyncEngine:
+        """The engine of the running loop, made on first use, disposed when the loop ends."""
+        loop = asyncio.get_running_loop()
+        entry = self._engines.get(loop)
+        if entry is None:
+            engine = self._create_test_engine()
+            keeper = self._dispose_at_loop_end(loop, engine)
+            await keeper.__anext__()
+            entry = self._engines[loop] = _LoopEngine(engine, keeper)
+        return entry.engine
+
+    def _create_test_engine(self) -> AsyncEngine:
+        try:
+            return create_engine(self.url, **self.engine_options)
+        except (TypeError, ValueError, ArgumentError) as error:
+            raise failure(
+                f"fastsched_engine_options = {self.settings.engine_options!r}: "
+                f"create_async_engine() rejected the options: {type(error).__name__}: {error}"
+            ) from None
+
+    async def _dispose_at_loop_end(
+        self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine
+    ) -> AsyncIterator[None]:
+        # Parked in the loop: loop.shutdown_asyncgens() closes it while the loop still runs.
+        try:
+            yield
+        finally:
+            self._engines.pop(loop, None)
+            await engine.dispose()
+
+    # -- emptied after a test of commit isolation
+
+    async def empty_tables(self, engine: AsyncEngine) -> None:
+        """Delete every row the tests wrote; put the seed tables back as the schema made them."""
+        async with engine.begin() as connection:
+            for table in await self._tables_to_empty(connection):
+                await connection.execute(table.delete())
+            await self.seeds.restore(connection)
+
+    async def _tables_to_empty(self, connection: AsyncConnection) -> list[Table]:
+        tables = self.schema.created_tables()
+        if tables is None:
+            names = await connection.run_sync(
+                lambda sync: [name for name, _ in inspect(sync).get_sorted_table_and_fkc_names()]
+            )
+            tables = [Table(name, MetaData()) for name in names if name]
+        kept = self.schema.kept_tables
+        return [table for table in reversed(tables) if table.name not in kept]
+
+    # -- the end of the process
+
+    def close(self) -> None:
+        """Dispose leftover engines, drop the scratch databases, stop an owned server."""
+        for loop, entry in list(self._engines.items()):
+            if not loop.is_closed() and not loop.is_running():
+                loop.run_until_complete(entry.engine.dispose())
+        self._engines.clear()
+        location, self._location = self._location, None
+        if isinstance(location, _SqliteLocation):
+            location.remove()
+        elif location is not None and self._server is None:
+            with contextlib.suppress(Exception):
+                location.drop(template=self._owner)
+        if self._server is not None:
+            self._server.stop()
+
+
+def _check_metadata(metadata: object, path: str) -> MetaData:
+    if isinstance(metadata, MetaData):
+        return metadata
+    raise failure(
+        f"fastsched_metadata = {path!r} is {describe(metadata)}, not a sqlalchemy.MetaData: "
+        "point it at the app's MetaData, e.g. 'app.models:Base.metadata'."
+    )
+
+
+_FOREIGN_CONNECTIONS = ("creator", "async_creator")
+
+
+def _check_engine_options(source: object, path: str, url: str) -> dict[str, Any]:
+    """The test engine's options from ``fastsched_engine_options``: a dict or a function."""
+    shown = f"fastsched_engine_options = {path!r}"
+    options = source
+    if callable(source):
+        try:
+            options = source(url)
+        except Exception as error:
+            raise failure(
+                f"{shown}: calling it with the test database's URL raised "
+                f"{type(error).__name__}: {error}"
+            ) from error
+    if not isinstance(options, Mapping) or not all(isinstance(key, str) for key in options):
+        raise failure(
+            f"{shown} gave {describe(options)}: give a dict of create_async_engine() keyword "
+            "arguments, or a function of the database URL that returns one, e.g. "
+            "{'connect_args': {'statement_cache_size': 0}}."
+        )
+    for key in _FOREIGN_CONNECTIONS:
+        if key in options:
+            raise failure(
+                f"{shown} sets {key!r}: its connections would not go to the test database. "
+                "Leave it out of the options the tests get; the plugin connects to the test "
+                "database itself."
+            )
+    execution = options.get("execution_options") or {}
+    if "AUTOCOMMIT" in (options.get("isolation_level"), execution.get("isolation_level")):
+        raise failure(
+            f"{shown} sets isolation_level='AUTOCOMMIT': every statement would commit at "
+            "once, out of reach of the test's isolation. Leave it out of the options the "
+            "tests get, and use an AUTOCOMMIT connection only where the app needs one."
+        )
+    return dict(options)
+
+
+def worker_id(config: pytest.Config) -> str:
+    """The xdist worker id (``gw0``, ...) or ``main`` outside xdist."""
+    workerinput: Mapping[str, Any] = getattr(config, "workerinput", {})
+    return str(workerinput.get("workerid", "main"))
