@@ -26,6 +26,7 @@ import pytest
 
 from pytest_fastsched import _options
 from pytest_fastsched._clock import VirtualClock
+from pytest_fastsched._records import current_request
 from pytest_fastsched._scheduler import SchedulerHarness
 
 Message = MutableMapping[str, Any]
@@ -151,9 +152,14 @@ class _Lifespan:
             "asgi": {"version": "3.0", "spec_version": "2.0"},
             "state": self.state,
         }
-        self._task = asyncio.get_running_loop().create_task(
-            _run(self._app(scope, self._inbox.get, self._outbox.put)), name="fastsched lifespan"
-        )
+        token = current_request.set(f"the lifespan of the app {self._name}")
+        try:
+            self._task = asyncio.get_running_loop().create_task(
+                _run(self._app(scope, self._inbox.get, self._outbox.put)),
+                name="fastsched lifespan",
+            )
+        finally:
+            current_request.reset(token)
         try:
             reply = await self._exchange("startup")
         except BaseException:
@@ -267,9 +273,11 @@ class _VirtualTimeTransport(httpx.AsyncBaseTransport):
         sent = self._clock.now().isoformat()
         label = f"request {request.method} {request.url} (sent at virtual {sent})"
         self._pending.append(label)
+        token = current_request.set(label)
         try:
             return await self._clock.drive_until(self._asgi.handle_async_request(request))
         finally:
+            current_request.reset(token)
             self._pending.remove(label)
 
     async def aclose(self) -> None:

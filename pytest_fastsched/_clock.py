@@ -15,6 +15,7 @@ flight, then step to the next loop timer (APScheduler's wake-ups are loop timers
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import contextvars
 import datetime as dt
 import functools
@@ -27,6 +28,7 @@ from typing import Any, TypeVar
 
 import pytest
 
+from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import make_wall_clock
 
 _T = TypeVar("_T")
@@ -604,6 +606,27 @@ class VirtualClock:
         scheduled = patch.loop._scheduled  # type: ignore[attr-defined]
         whens = sorted(handle.when() for handle in scheduled if not handle.cancelled())
         return (from_us(patch.us_of_loop_time(when)) for when in whens)
+
+
+@contextlib.contextmanager
+def for_test(item: pytest.Item, settings: Settings, backend: str) -> Iterator[VirtualClock]:
+    """The clock of one test (the body of ``fastsched_clock``).
+
+    It starts at the marker's ``start`` or the ``fastsched_start`` setting, on the wall-clock
+    ``backend``, and joins the test's loop when the test's coroutine starts.
+    """
+    clock = VirtualClock(
+        start=marker_options(item).start or settings.start,
+        backend=clock_backend(backend),
+        watchdog=settings.watchdog,
+    )
+    clock.start()
+    restore = clock.attach_on_test_start(item)
+    try:
+        yield clock
+    finally:
+        restore()
+        clock.close()
 
 
 def _duration(

@@ -19,7 +19,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from pytest_fastsched import _isolation, _options, _schema, _testdb
+from pytest_fastsched import _isolation, _options, _rebind, _schema, _seal, _testdb
 from pytest_fastsched._isolation import DatabaseGuardError, RunningTest
 from pytest_fastsched._options import failure
 
@@ -44,7 +44,7 @@ class Databases:
         self.testdb = _testdb.TestDatabase(
             settings, worker=worker, workerinput=workerinput, schema_hook=schema_hook
         )
-        self.isolation = _isolation.Isolation(None)
+        self.isolation = _isolation.Isolation()
         self._error: BaseException | None = None
         self._ready = False
 
@@ -55,22 +55,27 @@ class Databases:
             raise self._error
         if self._ready:
             return
-        try:
-            if self.settings.sessionmaker is not None:
-                self.isolation.sessionmaker = _isolation.resolve_sessionmaker(
-                    self.settings.sessionmaker
-                )
-            await self.testdb.create()
-        except pytest.fail.Exception as error:
-            self._error = error
-            self.close()
-            raise
+        with _seal.plugin_work():
+            try:
+                makers = _rebind.resolve_sessionmakers(self.settings.sessionmakers)
+                engines = _rebind.resolve_engines(self.settings.engines)
+                self.isolation.sessionmakers = makers
+                self.isolation.engines = engines + _rebind.engines_of(makers)
+                await self.testdb.create()
+            except pytest.fail.Exception as error:
+                self._error = error
+                self.close()
+                raise
         self._ready = True
 
     @property
-    def sessionmaker(self) -> async_sessionmaker[Any] | None:
-        """The app's sessionmaker (``fastsched_sessionmaker``), or ``None``."""
-        return self.isolation.sessionmaker
+    def sessionmaker(self) -> _rebind.AnySessionmaker | None:
+        """The app's first sessionmaker (``fastsched_sessionmaker``), or ``None``."""
+        return self.isolation.sessionmakers[0] if self.isolation.sessionmakers else None
+
+    def owned(self) -> tuple[str | None, list[str]]:
+        """What a sealed test owns: see :meth:`_testdb.TestDatabase.owned`."""
+        return self.testdb.owned()
 
     @property
     def metadata(self) -> MetaData | None:
@@ -110,6 +115,21 @@ class Databases:
             database = Database(self, bound.engine, bound.state, bound.connection)
             async with database._recording(prepared_statements):
                 yield database
+
+    @contextlib.asynccontextmanager
+    async def open_for(
+        self, item: pytest.Item, settings: _options.Settings
+    ) -> AsyncIterator[Database]:
+        """:meth:`open_test` with the isolation and the prepared-statement mode ``item``'s
+        marker and the settings ask for; the check of prepared statements fails the test
+        after its data is undone."""
+        __tracebackhide__ = True
+        marker = _options.marker_options(item)
+        isolation = marker.isolation or settings.isolation
+        prepared = marker.prepared_statements or settings.prepared_statements
+        async with self.open_test(isolation, prepared) as database:
+            yield database
+        database.check_prepared_statements()
 
     def close(self) -> None:
         """Stop guarding, dispose the engines, drop the scratch databases, stop the server."""
@@ -180,7 +200,7 @@ class Database:
                 await session.rollback()
                 raise
 
-    def _sessionmaker(self) -> async_sessionmaker[Any]:
+    def _sessionmaker(self) -> _rebind.AnySessionmaker:
         if self._databases.sessionmaker is not None:
             return self._databases.sessionmaker
         if self._default_maker is None:
@@ -334,12 +354,6 @@ class Database:
                 "fails the test on a leak), or set fastsched_prepared_statements for the suite."
             )
         return self._prepared_monitor
-
-    def raise_guard_errors(self) -> None:
-        """Raise the first guard error of the test (called after a test that passed)."""
-        __tracebackhide__ = True
-        if self._state.errors:
-            raise self._state.errors[0]
 
     @property
     def guard_errors(self) -> list[DatabaseGuardError]:

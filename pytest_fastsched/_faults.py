@@ -25,15 +25,20 @@ The listeners are removed after the test.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import datetime as dt
 import re
-from collections.abc import Callable
-from typing import Any, Literal
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 from sqlalchemy import event
 from sqlalchemy.ext.asyncio import AsyncEngine
+
+if TYPE_CHECKING:
+    from pytest_fastsched._clock import VirtualClock
+    from pytest_fastsched._db import Database
 
 ErrorKind = Literal["operational", "serialization", "disconnect"]
 ERROR_KINDS = ("operational", "serialization", "disconnect")
@@ -191,6 +196,20 @@ def fail_never_fired(faults: list[Fault]) -> None:
     __tracebackhide__ = True
     if faults:
         pytest.fail(never_fired_message(faults), pytrace=False)
+
+
+@contextlib.contextmanager
+def for_test(database: Database, clock: VirtualClock | None) -> Iterator[Faults]:
+    """The faults of one test (the body of ``fastsched_faults``), stamped with the virtual
+    time when the test uses ``fastsched_clock``; a fault that never fired fails the test."""
+    __tracebackhide__ = True
+    now = real_now if clock is None else clock.now
+    faults = Faults(database.engine, database.dialect, database.isolation, now)
+    try:
+        yield faults
+    finally:
+        never_fired = faults.close()
+    fail_never_fired(never_fired)
 
 
 def real_now() -> dt.datetime:

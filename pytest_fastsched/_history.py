@@ -28,7 +28,7 @@ from sqlalchemy.exc import NoSuchTableError
 
 from pytest_fastsched import _asserts
 from pytest_fastsched._capture import Tracked, capture
-from pytest_fastsched._options import DOCS, TrackSpec
+from pytest_fastsched._options import DOCS, Settings, TrackSpec, marker_options
 from pytest_fastsched._records import HistoryRecord
 
 if TYPE_CHECKING:
@@ -137,6 +137,15 @@ def _check_columns(table: Table, spec: TrackSpec, source: str) -> None:
             f"{source}: table {spec.table!r} has no primary key, by which fastsched_history "
             f"tells rows apart: give it one"
         )
+
+
+def configured(item: pytest.Item, settings: Settings) -> list[tuple[TrackSpec, str]]:
+    """The tables ``fastsched_track`` and the marker's ``track=`` name, with their source."""
+    marker = marker_options(item)
+    return [
+        *((spec, "fastsched_track") for spec in settings.track),
+        *((spec, "@pytest.mark.fastsched(track=...)") for spec in marker.track or ()),
+    ]
 
 
 @contextlib.asynccontextmanager

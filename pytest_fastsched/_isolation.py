@@ -1,16 +1,16 @@
 """Isolation: what a test may do with the database, and how its writes are undone.
 
 ``rollback`` (the default): the test holds one connection inside an outer transaction; the
-app's own ``async_sessionmaker`` is re-configured in place to join it with savepoints (each
-app "commit" releases a savepoint, visible to the test), and one rollback undoes everything.
+app's sessionmakers and engines join it with savepoints (each app "commit" releases a
+savepoint, visible to the test; see :mod:`._rebind`), and one rollback undoes everything.
 ``commit``: sessions get connections of their own and commit for real, for work across
 several connections; the tables are emptied after the test.
 
 Guards turn the ways code can escape the isolation into errors that name the fix, each
 message next to its guard: a second connection during a rollback test, two tasks sharing the
-test connection at once, statements that cannot run in a transaction, the test connection
-used from another event loop, and the app's own engine reached instead of the re-bound
-sessionmaker. Jobs often swallow exceptions, so every guard error is also kept on the
+test connection at once, statements that cannot run in a transaction, and the test connection
+used from another event loop. (Connections to other databases are the seal's business:
+:mod:`._seal`.) Jobs often swallow exceptions, so every guard error is also kept on the
 :class:`RunningTest`, and the plugin fails a test that passed with it.
 """
 
@@ -20,16 +20,14 @@ import asyncio
 import contextlib
 import dataclasses
 import re
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
-import pytest
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, Engine
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, async_sessionmaker
+from sqlalchemy.engine import Connection
+from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
-from pytest_fastsched import _options
-from pytest_fastsched._options import describe, failure
+from pytest_fastsched import _options, _rebind
 
 _NON_TRANSACTIONAL = re.compile(
     r"""\s*(
@@ -72,16 +70,6 @@ OTHER_LOOP = (
 )
 
 
-def _app_engine_message(url: str) -> str:
-    return (
-        f"fastsched_db: the app used its own engine ({url}) during a rollback-isolated test, "
-        "not the sessionmaker the plugin re-binds: its writes would really commit, to the "
-        "app's configured database, and the test would not see them. Open sessions through "
-        "the app's sessionmaker (fastsched_sessionmaker), or monkeypatch the engine with "
-        "fastsched_db.engine in a test marked @pytest.mark.fastsched(isolation='commit')."
-    )
-
-
 def _overlap_message(owner: asyncio.Task[Any], intruder: asyncio.Task[Any] | None) -> str:
     return (
         f"fastsched_db: two tasks used the shared test connection at the same time: "
@@ -110,20 +98,6 @@ def _non_transactional_message(statement: str) -> str:
         "@pytest.mark.fastsched(isolation='commit') and run it on an AUTOCOMMIT connection "
         "(as in production), or leave it to the migrations."
     )
-
-
-def exception_chain(error: BaseException) -> Iterator[BaseException]:
-    """``error``, its causes and contexts, and the members of exception groups, once each."""
-    seen: set[int] = set()
-    pending = [error]
-    while pending:
-        link = pending.pop()
-        if id(link) in seen:
-            continue
-        seen.add(id(link))
-        yield link
-        pending.extend(getattr(link, "exceptions", ()))
-        pending.extend(cause for cause in (link.__cause__, link.__context__) if cause)
 
 
 @dataclasses.dataclass
@@ -156,7 +130,7 @@ class RunningTest:
         self.check_loop()
         if self.isolation != "rollback":
             return
-        if connection is not self.connection:
+        if connection is not self.connection and not self._shares_test_connection(connection):
             raise self.violation(SECOND_CONNECTION)
         head = statement.lstrip()[:64].upper()
         if head.startswith(_SAVEPOINT_END):
@@ -168,6 +142,12 @@ class RunningTest:
         if head.startswith("SAVEPOINT "):
             self.savepoints.append((statement.split()[-1], asyncio.current_task()))
 
+    def _shares_test_connection(self, connection: Connection) -> bool:
+        """An app engine's connection joined to the test connection (see ``_rebind``)."""
+        assert self.connection is not None
+        own = self.connection.connection.dbapi_connection
+        return bool(connection.connection.dbapi_connection is own)
+
     def _check_owner(self) -> None:
         if not self.savepoints:
             return
@@ -177,9 +157,10 @@ class RunningTest:
             raise self.violation(_overlap_message(owner, task))
 
     def _end_savepoint(self, name: str) -> None:
-        names = [entry[0] for entry in self.savepoints]
-        if name in names:
-            del self.savepoints[names.index(name) :]
+        for index in range(len(self.savepoints) - 1, -1, -1):
+            if self.savepoints[index][0] == name:
+                del self.savepoints[index:]
+                return
 
 
 class _Guard:
@@ -212,13 +193,19 @@ class Binding:
 
 
 class Isolation:
-    """The isolation of one process's tests: their guards, and the app's sessionmaker."""
+    """The isolation of one process's tests: their guards, and what of the app is re-bound."""
 
-    def __init__(self, sessionmaker: async_sessionmaker[Any] | None) -> None:
-        self.sessionmaker = sessionmaker
+    def __init__(
+        self,
+        sessionmakers: Sequence[_rebind.AnySessionmaker] = (),
+        engines: Sequence[AsyncEngine] = (),
+    ) -> None:
+        self.sessionmakers = list(sessionmakers)
+        self.engines = list(engines)
+        """The app's engines pointed at the test database: ``fastsched_engine``, and the
+        engines the sessionmakers were bound to."""
         self.active: RunningTest | None = None
         self._guards: dict[AsyncEngine, _Guard] = {}
-        self._app_listeners: list[tuple[Engine, str, Callable[..., None]]] = []
 
     @contextlib.asynccontextmanager
     async def isolate(
@@ -247,7 +234,7 @@ class Isolation:
         try:
             await connection.begin()
             state = RunningTest("rollback", loop, connection.sync_connection)
-            with self._activate(engine, state, bind=connection):
+            with self._activate(engine, state, connection):
                 yield Binding(state, engine, connection)
         finally:
             # Closing rolls the outer transaction back, and spares the pool its own reset.
@@ -262,75 +249,25 @@ class Isolation:
     ) -> AsyncIterator[Binding]:
         state = RunningTest("commit", loop, None)
         try:
-            with self._activate(engine, state, bind=engine):
+            with self._activate(engine, state, None):
                 yield Binding(state, engine, None)
         finally:
             await empty_tables(engine)
 
     @contextlib.contextmanager
     def _activate(
-        self, engine: AsyncEngine, state: RunningTest, bind: AsyncEngine | AsyncConnection
+        self, engine: AsyncEngine, state: RunningTest, connection: AsyncConnection | None
     ) -> Iterator[None]:
-        maker = self.sessionmaker
-        saved = dict(maker.kw) if maker is not None else {}
-        if maker is not None:
-            self._guard_app_engine(saved.get("bind"))
-            options: dict[str, Any] = {"bind": bind}
-            if state.isolation == "rollback":
-                options["join_transaction_mode"] = "create_savepoint"
-            maker.configure(**options)
         guard = self._guards.get(engine)
         if guard is None:
             guard = self._guards[engine] = _Guard(engine)
-        guard.state = self.active = state
-        try:
-            yield
-        finally:
-            guard.state = self.active = None
-            if maker is not None:
-                maker.kw.clear()
-                maker.kw.update(saved)
-
-    def _guard_app_engine(self, bind: object) -> None:
-        """Fail rollback tests that reach the engine the app's sessionmaker was bound to."""
-        if not isinstance(bind, AsyncEngine):
-            return
-        engine = bind.sync_engine
-        if any(guarded is engine for guarded, _, _ in self._app_listeners):
-            return
-        message = _app_engine_message(str(engine.url))
-
-        def used(*_: Any) -> None:
-            state = self.active
-            if state is not None and state.isolation == "rollback":
-                raise state.violation(message)
-
-        for name in ("do_connect", "before_cursor_execute"):
-            event.listen(engine, name, used)
-            self._app_listeners.append((engine, name, used))
+        with _rebind.rebound(self.sessionmakers, self.engines, engine, connection):
+            guard.state = self.active = state
+            try:
+                yield
+            finally:
+                guard.state = self.active = None
 
     def close(self) -> None:
-        """Stop guarding the app's engines (the end of the process)."""
-        for engine, name, listener in self._app_listeners:
-            event.remove(engine, name, listener)
-        self._app_listeners.clear()
+        """Forget the test engines (the end of the process)."""
         self._guards.clear()
-
-
-def resolve_sessionmaker(path: str) -> async_sessionmaker[Any]:
-    """The app's sessionmaker of the ``fastsched_sessionmaker`` setting, checked."""
-    try:
-        maker = _options.resolve(path, "fastsched_sessionmaker")
-    except pytest.UsageError as error:
-        raise failure(str(error)) from None
-    return _check_sessionmaker(maker, path)
-
-
-def _check_sessionmaker(maker: object, path: str) -> async_sessionmaker[Any]:
-    if isinstance(maker, async_sessionmaker):
-        return maker
-    raise failure(
-        f"fastsched_sessionmaker = {path!r} is {describe(maker)}, not an async_sessionmaker: "
-        "point it at the app's sqlalchemy.ext.asyncio.async_sessionmaker (the factory its "
-        "jobs open sessions with)."
-    )

@@ -16,7 +16,7 @@ import difflib
 import importlib
 import os
 import re
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
@@ -56,7 +56,27 @@ class Option:
 
 OPTIONS: tuple[Option, ...] = (
     Option("scheduler", "the app's AsyncIOScheduler, as 'module:attr'"),
-    Option("sessionmaker", "the app's async_sessionmaker, as 'module:attr'"),
+    Option(
+        "sessionmaker",
+        "the app's async_sessionmaker (or sessionmaker(class_=AsyncSession)), as "
+        "'module:attr'; several separated by spaces or commas",
+    ),
+    Option(
+        "engine",
+        "the app's AsyncEngine, as 'module:attr'; several separated by spaces or commas: each "
+        "test points them at the test database",
+    ),
+    Option(
+        "isolation",
+        "how fastsched_db isolates each test: 'rollback' (default) or 'commit'",
+        default="rollback",
+    ),
+    Option(
+        "allow_databases",
+        "databases a plugin test may reach besides the test database, as URLs "
+        "('sqlite:///path/to/file.db', 'postgresql://host:5432/name'; * matches anything), "
+        "separated by spaces",
+    ),
     Option("metadata", "the app's SQLAlchemy MetaData, as 'module:attr'"),
     Option("app", "the app's ASGI application (FastAPI instance), as 'module:attr'"),
     Option(
@@ -160,6 +180,19 @@ class Settings:
     timeline: bool = False
     engine_options: str | None = None
     prepared_statements: PreparedStatementMode = "ignore"
+    engine: str | None = None
+    isolation: IsolationMode = "rollback"
+    allow_databases: tuple[str, ...] = ()
+
+    @property
+    def sessionmakers(self) -> tuple[str, ...]:
+        """The ``module:attr`` paths of the app's sessionmakers."""
+        return _names(self.sessionmaker)
+
+    @property
+    def engines(self) -> tuple[str, ...]:
+        """The ``module:attr`` paths of the app's engines."""
+        return _names(self.engine)
 
 
 def _raw_value(config: pytest.Config, option: Option) -> str | None:
@@ -194,8 +227,14 @@ def _import_path(option: Option, value: str | None) -> str | None:
     return value
 
 
-def _names(value: str | None) -> tuple[str, ...]:
-    return tuple(name for name in re.split(r"[\s,]+", value or "") if name)
+def _names(value: str | None, separators: str = r"[\s,]+") -> tuple[str, ...]:
+    return tuple(name for name in re.split(separators, value or "") if name)
+
+
+def _import_paths(option: Option, value: str | None) -> str | None:
+    """Several ``module:attr`` paths, each checked; kept as one space-separated string."""
+    paths = [_import_path(option, path) for path in _names(value)]
+    return " ".join(path for path in paths if path) or None
 
 
 def _alembic_ini(option: Option, value: str | None, rootdir: Path) -> str | None:
@@ -278,7 +317,7 @@ def load_settings(config: pytest.Config) -> Settings:
     backend = _choice(by_name["clock_backend"], raw["clock_backend"] or "", CLOCK_BACKENDS)
     settings = Settings(
         scheduler=_import_path(by_name["scheduler"], raw["scheduler"]),
-        sessionmaker=_import_path(by_name["sessionmaker"], raw["sessionmaker"]),
+        sessionmaker=_import_paths(by_name["sessionmaker"], raw["sessionmaker"]),
         metadata=_import_path(by_name["metadata"], raw["metadata"]),
         app=_import_path(by_name["app"], raw["app"]),
         database=database,
@@ -297,6 +336,9 @@ def load_settings(config: pytest.Config) -> Settings:
             raw["prepared_statements"] or "",
             PREPARED_STATEMENT_MODES,
         ),
+        engine=_import_paths(by_name["engine"], raw["engine"]),
+        isolation=_choice(by_name["isolation"], raw["isolation"] or "", ISOLATION_MODES),  # type: ignore[arg-type]
+        allow_databases=_names(raw["allow_databases"], separators=r"\s+"),
     )
     _check_schema_sources(settings)
     _check_database_url(settings.database)
@@ -356,34 +398,47 @@ def report_header(settings: Settings, rootpath: Path) -> list[str]:
     if any(schema.values()):
         values = ", ".join(f"{key}={value or '-'}" for key, value in schema.items())
         lines.append(f"fastsched schema: {values}")
+    if settings.engine or settings.isolation != "rollback" or settings.allow_databases:
+        lines.append(
+            f"fastsched isolation: isolation={settings.isolation}, "
+            f"engine={settings.engine or '-'}, "
+            f"allow_databases={' '.join(map(redact, settings.allow_databases)) or '-'}"
+        )
     return lines
+
+
+SEALED_DRIVERS = ("aiosqlite", "asyncpg", "psycopg", "psycopg2")
+"""The database drivers the seal watches (see ``_seal``), where they are installed."""
 
 
 def import_before_clock(settings: Settings, fixtures: set[str]) -> None:
     """Import what the collected tests need now, before a test starts the virtual clock.
 
     Some modules fail to import under freezegun's fake datetime classes: FastAPI imports
-    pydantic.v1 when it builds its first route; asyncpg's C extension checks the size of
-    ``datetime.date``. So the app's modules are imported when a test uses the plugin, and the
-    database driver when a test uses ``fastsched_db``. Errors of the app's paths are left to
-    the fixtures, which report them against the test that needs the path.
+    pydantic.v1 when it builds its first route; the C extensions of asyncpg and psycopg check
+    the size of ``datetime.date``. So when a test uses the plugin, the app's modules and the
+    database drivers the seal watches are imported, and the SQLAlchemy dialect when a test
+    uses ``fastsched_db``. Errors of the app's paths are left to the fixtures, which report
+    them against the test that needs the path.
     """
     if not any(name.startswith("fastsched_") for name in fixtures):
         return
-    for option, path in (
-        ("fastsched_scheduler", settings.scheduler),
-        ("fastsched_sessionmaker", settings.sessionmaker),
-        ("fastsched_metadata", settings.metadata),
-        ("fastsched_app", settings.app),
+    for driver in SEALED_DRIVERS:
+        with contextlib.suppress(ImportError):
+            importlib.import_module(driver)
+    for option, paths in (
+        ("fastsched_scheduler", _names(settings.scheduler)),
+        ("fastsched_sessionmaker", settings.sessionmakers),
+        ("fastsched_engine", settings.engines),
+        ("fastsched_metadata", _names(settings.metadata)),
+        ("fastsched_app", _names(settings.app)),
     ):
-        if path is not None:
+        for path in paths:
             with contextlib.suppress(pytest.UsageError):
                 resolve(path, option)
     if "fastsched_db" in fixtures:
-        sqlite = settings.database == "sqlite"
-        dialect = "sqlite.aiosqlite" if sqlite else "postgresql.asyncpg"
+        dialect = "sqlite.aiosqlite" if settings.database == "sqlite" else "postgresql.asyncpg"
         importlib.import_module(f"sqlalchemy.dialects.{dialect}")
-        importlib.import_module("aiosqlite" if sqlite else "asyncpg")
 
 
 def describe(value: object) -> str:
@@ -430,6 +485,7 @@ class MarkerOptions:
     track: tuple[TrackSpec, ...] | None = None
     replicas: int = 1
     prepared_statements: PreparedStatementMode | None = None
+    allow_databases: tuple[str, ...] = ()
 
 
 def _marker_signature(
@@ -440,6 +496,7 @@ def _marker_signature(
     track: Mapping[str, Any] | None = None,
     replicas: int = 1,
     prepared_statements: str | None = None,
+    allow_databases: Sequence[str] = (),
 ) -> MarkerOptions:
     isolation = _replica_isolation(replicas, isolation)
     if isolation is not None and isolation not in ISOLATION_MODES:
@@ -464,7 +521,20 @@ def _marker_signature(
         track=None if track is None else track_of_marker(track),
         replicas=replicas,
         prepared_statements=prepared_statements,  # type: ignore[arg-type]
+        allow_databases=_allowed_of_marker(allow_databases),
     )
+
+
+def _allowed_of_marker(allow_databases: object) -> tuple[str, ...]:
+    """Validate ``allow_databases=``: database URLs (one, or a list)."""
+    urls = allow_databases if isinstance(allow_databases, (list, tuple)) else [allow_databases]
+    if not all(isinstance(url, str) and "://" in url for url in urls):
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(allow_databases={allow_databases!r}) is not valid: give "
+            "database URLs, e.g. allow_databases=('sqlite:///reports.db', "
+            "'postgresql://localhost:5432/analytics') (* matches anything)"
+        )
+    return tuple(urls)
 
 
 def _replica_isolation(replicas: object, isolation: str | None) -> str | None:
@@ -488,14 +558,15 @@ def _replica_isolation(replicas: object, isolation: str | None) -> str | None:
 
 MARKER_HELP = (
     "fastsched(*, start=None, isolation=None, job_errors='raise', track=None, replicas=1, "
-    "prepared_statements=None): "
+    "prepared_statements=None, allow_databases=()): "
     "per-test settings of pytest-fastsched: the virtual start instant, the database isolation "
     "mode ('rollback' or 'commit'), whether job exceptions fail the test ('raise') or are only "
     "recorded ('record'), the tables fastsched_history records "
     "({'table': ('status_column', 'error_column', 'other_column', ...)}), and how many copies "
     "of the app's scheduler run (replicas > 1 implies isolation='commit'), and whether named "
     "prepared statements that would break behind a transaction-mode pooler fail the test "
-    "('check'), are only recorded ('record') or not looked at ('ignore'; PostgreSQL only)."
+    "('check'), are only recorded ('record') or not looked at ('ignore'; PostgreSQL only), "
+    "and the databases the test may reach besides the test database (a list of URLs)."
 )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import atexit
+import contextvars
 import os
 import pwd
 import re
@@ -406,6 +407,8 @@ async def _execute_in(dsn: str, sql: str) -> None:
 
 
 def _run_in_fresh_loop(coroutine: Coroutine[Any, Any, None]) -> None:
-    # A thread of its own, so that callers may already be inside a running event loop.
+    # A thread of its own, so that callers may already be inside a running event loop; in a
+    # copy of the caller's context, which tells a sealed test that this is the plugin's work.
+    context = contextvars.copy_context()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsched-pg") as pool:
-        pool.submit(asyncio.run, coroutine).result()
+        pool.submit(context.run, asyncio.run, coroutine).result()

@@ -43,6 +43,12 @@ current_run: contextvars.ContextVar[RunRef | None] = contextvars.ContextVar(
 """The job run of the running code: set in each job's task (and the executor threads it
 starts), ``None`` in the test itself. ``fastsched_history`` stamps each write with it."""
 
+current_request: contextvars.ContextVar[str | None] = contextvars.ContextVar(
+    "fastsched_current_request", default=None
+)
+"""What of the app ``fastsched_client`` runs: ``"request GET http://testserver/items"`` or
+``"the app's lifespan startup"``; ``None`` outside requests and the lifespan."""
+
 
 # -- the run log -----------------------------------------------------------------------------
 

@@ -6,21 +6,17 @@
 - The timelines of the tests that passed, with ``--fastsched-timeline -v``, at the end.
 
 Each is built from what the fixtures left on the test (its ``fastsched_db``, its
-``fastsched_scheduler`` and ``fastsched_history``). SQLAlchemy is imported only when the
-session already loaded it.
+``fastsched_scheduler`` and ``fastsched_history``) and the seal's refusals.
 """
 
 from __future__ import annotations
 
-import sys
-from typing import TYPE_CHECKING, Any
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import pytest
 
 from pytest_fastsched import _asserts, _options
-
-if TYPE_CHECKING:
-    from pytest_fastsched._db import Database
 
 TIMELINE_SECTION = "fastsched timeline"
 REPLICAS_SECTION = "fastsched replicas"
@@ -47,11 +43,15 @@ def add_sections(
     item: pytest.Item,
     call: pytest.CallInfo[None],
     settings: _options.Settings,
-    database: Database | None,
+    guard_errors: Sequence[BaseException],
 ) -> None:
-    """Add the plugin's sections to the report of one phase of a test."""
+    """Add the plugin's sections to the report of one phase of a test.
+
+    ``guard_errors`` are the errors of the seal and of the database guards that this report
+    is the first to see.
+    """
     if call.excinfo is not None:
-        _failure_sections(report, call.excinfo.value, database)
+        _failure_sections(report, call.excinfo.value, guard_errors)
     if report.when != "call":
         return
     values: dict[str, Any] = getattr(item, "funcargs", {})
@@ -72,21 +72,32 @@ def add_sections(
 
 
 def _failure_sections(
-    report: pytest.TestReport, failure: BaseException, database: Database | None
+    report: pytest.TestReport, failure: BaseException, guard_errors: Sequence[BaseException]
 ) -> None:
     addsection = getattr(report.longrepr, "addsection", None)
-    if addsection is None or "sqlalchemy" not in sys.modules:
-        return  # without SQLAlchemy, neither a database nor MissingGreenlet
-    from pytest_fastsched._isolation import exception_chain
-
+    if addsection is None:
+        return
     chain = list(exception_chain(failure))
-    if database is not None:
-        reported = {id(link) for link in chain}
-        for error in database.guard_errors:
-            if id(error) not in reported:
-                addsection(GUARD_SECTION, str(error))
+    reported = {id(link) for link in chain}
+    for error in guard_errors:
+        if id(error) not in reported:
+            addsection(GUARD_SECTION, str(error))
     if any(type(link).__name__ == "MissingGreenlet" for link in chain):
         addsection(HINT_SECTION, MISSING_GREENLET_HINT)
+
+
+def exception_chain(error: BaseException) -> Iterator[BaseException]:
+    """``error``, its causes and contexts, and the members of exception groups, once each."""
+    seen: set[int] = set()
+    pending = [error]
+    while pending:
+        link = pending.pop()
+        if id(link) in seen:
+            continue
+        seen.add(id(link))
+        yield link
+        pending.extend(getattr(link, "exceptions", ()))
+        pending.extend(cause for cause in (link.__cause__, link.__context__) if cause)
 
 
 def terminal_summary(

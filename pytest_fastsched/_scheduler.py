@@ -28,6 +28,7 @@ import pytest
 
 from pytest_fastsched import _asserts
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
+from pytest_fastsched._options import Settings, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
@@ -71,10 +72,24 @@ def _copy_job(job: Any) -> Any:
     return clone
 
 
-class _JobStoreSnapshot:
-    """The scheduler's jobs as they were before the test, restored after it."""
+class _JobStores:
+    """The scheduler's job stores during a test, and its jobs as they were before it.
+
+    A persistent store (``SQLAlchemyJobStore``, Redis, MongoDB...) keeps its jobs in a
+    database the test does not own: it is swapped for an empty memory store for the test, so
+    that it is neither read nor written (nor created, when its table does not exist yet); so
+    is a persistent store the app adds during the test. After the test the original stores
+    are put back and the memory stores hold the jobs they held before it.
+    """
 
     def __init__(self, scheduler: Any) -> None:
+        from apscheduler.jobstores.memory import MemoryJobStore
+
+        self._scheduler = scheduler
+        self._stores = dict(scheduler._jobstores)
+        for alias, store in self._stores.items():
+            if not isinstance(store, MemoryJobStore):
+                scheduler._jobstores[alias] = _memory_store(scheduler, alias)
         self._pending = [
             (_copy_job(job), alias, replace) for job, alias, replace in scheduler._pending_jobs
         ]
@@ -83,15 +98,36 @@ class _JobStoreSnapshot:
             for alias, store in scheduler._jobstores.items()
             for job in store.get_all_jobs()
         ]
+        add_jobstore = scheduler.add_jobstore
 
-    def restore(self, scheduler: Any) -> None:
+        def in_memory(jobstore: Any, alias: str = "default", **options: Any) -> Any:
+            if not isinstance(jobstore, MemoryJobStore):
+                jobstore, options = MemoryJobStore(), {}
+            return add_jobstore(jobstore, alias, **options)
+
+        scheduler.add_jobstore = in_memory
+
+    def restore(self) -> None:
+        """Put the original stores back, the memory ones with their jobs of before the test."""
+        scheduler = self._scheduler
+        vars(scheduler).pop("add_jobstore", None)
         for store in scheduler._jobstores.values():
             store.remove_all_jobs()
+        scheduler._jobstores.clear()
+        scheduler._jobstores.update(self._stores)
         scheduler._pending_jobs = [
             (_copy_job(job), alias, replace) for job, alias, replace in self._pending
         ]
         for alias, job in self._stored:
             scheduler._jobstores[alias].add_job(_copy_job(job))
+
+
+def _memory_store(scheduler: Any, alias: str) -> Any:
+    from apscheduler.jobstores.memory import MemoryJobStore
+
+    store = MemoryJobStore()
+    store.start(scheduler, alias)
+    return store
 
 
 class SchedulerHarness:
@@ -125,7 +161,7 @@ class SchedulerHarness:
         self._lock = threading.Lock()
         self._raised: set[int] = set()
         self._expectations: list[_Expectation] = []
-        self._snapshot: _JobStoreSnapshot | None = None
+        self._stores: _JobStores | None = None
         self._thread_jobs = 0
         self._labelled: list[Any] = []
         clock.add_check(self._raise_job_errors)
@@ -153,7 +189,7 @@ class SchedulerHarness:
                 f"time. Create the app's scheduler as AsyncIOScheduler()."
             )
         self.scheduler = scheduler
-        self._snapshot = _JobStoreSnapshot(scheduler)
+        self._stores = _JobStores(scheduler)
         for job in self._all_jobs():
             self._check_job(job)
         self._reanchor_real_time_jobs()
@@ -576,8 +612,34 @@ class SchedulerHarness:
         for executor in self._labelled:
             vars(executor).pop("_do_submit_job", None)
         self._labelled.clear()
-        if self._snapshot is not None:
-            self._snapshot.restore(scheduler)
+        if self._stores is not None:
+            self._stores.restore()
+
+
+@contextlib.contextmanager
+def for_test(
+    item: pytest.Item,
+    settings: Settings,
+    clock: VirtualClock,
+    replicas: ReplicaFactory,
+    engine: Callable[[], Any],
+) -> Iterator[SchedulerHarness]:
+    """The harness of one test (the body of ``fastsched_scheduler``).
+
+    It drives the scheduler of the ``fastsched_scheduler`` setting, if any, and runs the
+    replicas the marker asks for with ``replicas``; ``engine`` returns the test database's
+    engine, whose pool the replicas warm.
+    """
+    marker = marker_options(item)
+    harness = SchedulerHarness(clock, job_errors=marker.job_errors, replicas=replicas)
+    if settings.scheduler is not None:
+        harness.attach(resolve(settings.scheduler, "fastsched_scheduler"))
+    if marker.replicas > 1:
+        harness.use_replicas(marker.replicas, engine=engine)
+    try:
+        yield harness
+    finally:
+        harness.close()
 
 
 def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Task[Any]]) -> None:

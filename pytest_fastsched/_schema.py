@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import inspect as pyinspect
 import logging
@@ -211,6 +212,16 @@ class Schema:
 
     def _migration_failure(self, error: Exception, dialect: str) -> str:
         assert self.alembic is not None
+        refused = _refused_database(error)
+        if refused is not None:
+            return (
+                f"fastsched_alembic = {_shown(self.alembic)!r}: env.py connected to another "
+                f"database than the test database ({refused}), and the plugin stopped it "
+                "there: a test run never migrates the app's own database. Let env.py use the "
+                f"connection in config.attributes['connection'] when it is set "
+                f"({CONNECTION_RECIPE}), or the sqlalchemy.url the plugin sets, instead of a "
+                "URL of its own."
+            )
         return "\n".join(
             [
                 f"fastsched_alembic = {_shown(self.alembic)!r}: alembic upgrade heads failed on "
@@ -360,8 +371,10 @@ def _upgrade_on(connection: Connection, config: Config) -> None:
 
 
 async def _in_thread(function: Callable[..., object], *args: object) -> None:
+    # In a copy of the context: the seal lets the plugin's own work reach the test server.
+    context = contextvars.copy_context()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="fastsched-alembic") as thread:
-        await asyncio.wrap_future(thread.submit(function, *args))
+        await asyncio.wrap_future(thread.submit(context.run, function, *args))
 
 
 @contextlib.contextmanager
@@ -444,6 +457,19 @@ def _fingerprint(rows: list[dict[str, Any]]) -> list[str]:
 
 
 # -- messages
+
+
+def _refused_database(error: BaseException) -> str | None:
+    """The database the seal refused somewhere in ``error``'s chain, if it did."""
+    seen: set[int] = set()
+    link: BaseException | None = error
+    while link is not None and id(link) not in seen:
+        seen.add(id(link))
+        refused = getattr(link, "refused", None)
+        if isinstance(refused, str):
+            return refused
+        link = link.__cause__ or link.__context__
+    return None
 
 
 def _error_line(error: BaseException) -> str:

@@ -312,6 +312,7 @@ class TestDatabase:
         self._run_id = self._workerinput.get(RUN_ID_INPUT) or secrets.token_hex(4)
         self._server: _postgres.EphemeralPostgres | None = None
         self._location: _SqliteLocation | _PostgresLocation | None = None
+        self._admin: str | None = None
         self.metadata: MetaData | None = None
         self._engine_options_source: object = None
         self.engine_options: dict[str, Any] = {}
@@ -327,7 +328,8 @@ class TestDatabase:
         if self.settings.database == "sqlite":
             location = _SqliteLocation()
         else:
-            location = _PostgresLocation(self._admin_url(), self._run_id, self.worker)
+            self._admin = self._admin_url()
+            location = _PostgresLocation(self._admin, self._run_id, self.worker)
         self._location = location
         if self.settings.engine_options is not None:
             self.engine_options = _check_engine_options(
@@ -365,6 +367,15 @@ class TestDatabase:
             except (_postgres.PostgresNotFound, _postgres.PostgresError) as error:
                 raise failure(_server_error(error)) from None
         return self._server.url()
+
+    def owned(self) -> tuple[str | None, list[str]]:
+        """What a sealed test owns: the test database's URL (once made), and the URL of the
+        server where the plugin makes and drops its own databases."""
+        location = self._location
+        return (
+            None if location is None else location.url,
+            [] if self._admin is None else [self._admin],
+        )
 
     @property
     def url(self) -> str:

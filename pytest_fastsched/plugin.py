@@ -22,12 +22,14 @@ if TYPE_CHECKING:
     from pytest_fastsched._faults import Faults
     from pytest_fastsched._history import History
     from pytest_fastsched._scheduler import SchedulerHarness
+    from pytest_fastsched._seal import Seal
     from pytest_fastsched._testdb import Controller
 
 SETTINGS_KEY: pytest.StashKey[_options.Settings] = pytest.StashKey()
 DATABASES_KEY: pytest.StashKey[Databases] = pytest.StashKey()
 CONTROLLER_KEY: pytest.StashKey[Controller] = pytest.StashKey()
 DATABASE_OF_TEST_KEY: pytest.StashKey[Database] = pytest.StashKey()
+SEAL_KEY: pytest.StashKey[Seal] = pytest.StashKey()
 
 
 # -- hooks -------------------------------------------------------------------------------------
@@ -80,11 +82,11 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    # A job that swallows every exception hides a guard error: fail the test that passed.
+    # A job that swallows every exception hides a refusal or guard error: fail the test.
     result = yield
-    database = item.stash.get(DATABASE_OF_TEST_KEY, None)
-    if database is not None:
-        database.raise_guard_errors()
+    errors = _guard_errors(item)
+    if errors:
+        raise errors[0]
     return result
 
 
@@ -93,10 +95,15 @@ def pytest_runtest_makereport(
     item: pytest.Item, call: pytest.CallInfo[None]
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
-    settings = item.config.stash[SETTINGS_KEY]
-    database = item.stash.get(DATABASE_OF_TEST_KEY, None)
-    _reports.add_sections(report, item, call, settings, database)
+    seal = item.stash.get(SEAL_KEY, None)
+    errors = seal.first_seen(_guard_errors(item)) if seal is not None else []
+    _reports.add_sections(report, item, call, item.config.stash[SETTINGS_KEY], errors)
     return report
+
+
+def _guard_errors(item: pytest.Item) -> list[BaseException]:
+    seal, database = item.stash.get(SEAL_KEY, None), item.stash.get(DATABASE_OF_TEST_KEY, None)
+    return [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
 
 
 def pytest_terminal_summary(
@@ -118,6 +125,21 @@ def _if_used(request: pytest.FixtureRequest, name: str) -> Any:
     return request.getfixturevalue(name) if name in request.fixturenames else None
 
 
+@pytest.fixture(autouse=True)
+def _fastsched_seal(request: pytest.FixtureRequest) -> Iterator[None]:
+    """Seal a test that uses the plugin: it reaches no database but its own (see _seal.py)."""
+    if not any(name.startswith("fastsched_") for name in request.fixturenames):
+        yield
+        return
+    from pytest_fastsched import _seal
+
+    stash = request.config.stash
+    owned = lambda: stash[DATABASES_KEY].owned() if DATABASES_KEY in stash else (None, [])  # noqa: E731
+    with _seal.sealed_test(request.node, settings_of(request), owned) as seal:
+        request.node.stash[SEAL_KEY] = seal
+        yield
+
+
 @pytest.fixture
 def fastsched_clock_backend(request: pytest.FixtureRequest) -> str:
     """``freezegun`` or ``time-machine``: the setting; override it (with ``params=[...]``)."""
@@ -126,28 +148,17 @@ def fastsched_clock_backend(request: pytest.FixtureRequest) -> str:
 
 @pytest.fixture
 def fastsched_clock(
-    request: pytest.FixtureRequest, fastsched_clock_backend: str
+    request: pytest.FixtureRequest, fastsched_clock_backend: str, _fastsched_seal: None
 ) -> Iterator[VirtualClock]:
     """The virtual clock of this test: the wall clock (every thread) and the test's loop.
 
     Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
     ``run_until_idle()``, which fire everything that falls due on the way.
     """
-    from pytest_fastsched._clock import VirtualClock
+    from pytest_fastsched import _clock
 
-    settings = settings_of(request)
-    clock = VirtualClock(
-        start=_options.marker_options(request.node).start or settings.start,
-        backend=_options.clock_backend(fastsched_clock_backend),
-        watchdog=settings.watchdog,
-    )
-    clock.start()
-    restore = clock.attach_on_test_start(request.node)
-    try:
+    with _clock.for_test(request.node, settings_of(request), fastsched_clock_backend) as clock:
         yield clock
-    finally:
-        restore()
-        clock.close()
 
 
 @pytest.fixture
@@ -157,38 +168,34 @@ def fastsched_scheduler(
     """The app's own APScheduler instance, driven by ``fastsched_clock``.
 
     From the ``fastsched_scheduler`` setting, or ``fastsched_scheduler.attach(scheduler)``
-    before the first ``advance()``. Started on the test's loop, paused until the first clock
-    call, shut down after the test with its jobs cancelled and its job stores restored.
+    before the first ``advance()``. Its jobs run on the test database when the settings name
+    the app's sessionmakers or engines, whether the test asks for ``fastsched_db`` or not.
     """
+    from pytest_fastsched import _scheduler
     from pytest_fastsched._replicas import ReplicaSet
-    from pytest_fastsched._scheduler import SchedulerHarness
 
-    settings = settings_of(request)
-    job_errors = _options.marker_options(request.node).job_errors
-    harness = SchedulerHarness(fastsched_clock, job_errors=job_errors, replicas=ReplicaSet)
-    if settings.scheduler is not None:
-        harness.attach(_options.resolve(settings.scheduler, "fastsched_scheduler"))
-    try:
+    if settings_of(request).sessionmaker or settings_of(request).engine:
+        request.getfixturevalue("fastsched_db")  # the app's jobs run on the test database
+
+    engine = lambda: getattr(request.node.stash.get(DATABASE_OF_TEST_KEY, None), "engine", None)  # noqa: E731
+    with _scheduler.for_test(
+        request.node, settings_of(request), fastsched_clock, ReplicaSet, engine
+    ) as harness:
         yield harness
-    finally:
-        harness.close()
 
 
 @pytest.fixture(autouse=True)
 def _fastsched_replicas(request: pytest.FixtureRequest) -> None:
     """Run the replicas the ``fastsched`` marker asks for (``replicas=N``)."""
-    if request.node.get_closest_marker("fastsched") is None:
-        return
-    replicas = _options.marker_options(request.node).replicas
-    if replicas > 1:
-        harness: SchedulerHarness = request.getfixturevalue("fastsched_scheduler")
-        stash = request.node.stash
-        engine = lambda: getattr(stash.get(DATABASE_OF_TEST_KEY, None), "engine", None)  # noqa: E731
-        harness.use_replicas(replicas, engine=engine)
+    marked = request.node.get_closest_marker("fastsched") is not None
+    if marked and _options.marker_options(request.node).replicas > 1:
+        request.getfixturevalue("fastsched_scheduler")
 
 
 @pytest_asyncio.fixture
-async def fastsched_db(request: pytest.FixtureRequest) -> AsyncIterator[Database]:
+async def fastsched_db(
+    request: pytest.FixtureRequest, _fastsched_seal: None
+) -> AsyncIterator[Database]:
     """The test database, with the app's sessionmaker bound to it for this test.
 
     ``isolation="rollback"`` (default): one connection in an outer transaction, each app
@@ -197,19 +204,15 @@ async def fastsched_db(request: pytest.FixtureRequest) -> AsyncIterator[Database
     """
     from pytest_fastsched import _db
 
-    config = request.config
-    if DATABASES_KEY not in config.stash:
-        config.stash[DATABASES_KEY] = _db.for_config(config, settings_of(request))
-    marker = _options.marker_options(request.node)
-    isolation = marker.isolation or "rollback"
-    prepared = marker.prepared_statements or settings_of(request).prepared_statements
-    async with config.stash[DATABASES_KEY].open_test(isolation, prepared) as database:
+    stash = request.config.stash
+    if DATABASES_KEY not in stash:
+        stash[DATABASES_KEY] = _db.for_config(request.config, settings_of(request))
+    async with stash[DATABASES_KEY].open_for(request.node, settings_of(request)) as database:
         request.node.stash[DATABASE_OF_TEST_KEY] = database
         try:
             yield database
         finally:
             del request.node.stash[DATABASE_OF_TEST_KEY]
-    database.check_prepared_statements()
 
 
 @pytest.fixture
@@ -272,9 +275,7 @@ async def fastsched_history(
     """
     from pytest_fastsched import _history
 
-    configured = [(spec, "fastsched_track") for spec in settings_of(request).track]
-    marker = _options.marker_options(request.node)
-    configured += [(spec, "@pytest.mark.fastsched(track=...)") for spec in marker.track or ()]
+    configured = _history.configured(request.node, settings_of(request))
     async with _history.record(fastsched_db, configured, _fastsched_history_clock) as history:
         yield history
 
@@ -288,11 +289,5 @@ def fastsched_faults(request: pytest.FixtureRequest, fastsched_db: Database) -> 
     """
     from pytest_fastsched import _faults
 
-    clock = _if_used(request, "fastsched_clock")
-    now = _faults.real_now if clock is None else clock.now
-    faults = _faults.Faults(fastsched_db.engine, fastsched_db.dialect, fastsched_db.isolation, now)
-    try:
+    with _faults.for_test(fastsched_db, _if_used(request, "fastsched_clock")) as faults:
         yield faults
-    finally:
-        never_fired = faults.close()
-    _faults.fail_never_fired(never_fired)

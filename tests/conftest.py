@@ -4,12 +4,16 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import hashlib
+import os
 import shutil
+import sqlite3
 import tempfile
 import warnings
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 # In-process pytester runs restore sys.modules afterwards: a C extension first imported by a
 # user suite would be imported again by the next one, which crashes asyncpg. Imported here,
@@ -34,6 +38,7 @@ from pytest_fastsched._postgres import EphemeralPostgres
 # A user's app in the pattern the plugin serves: each step of a job is its own short session
 # that commits; `observe` lets a test look at the database between the steps.
 DB_APP = """
+import os
 from contextlib import asynccontextmanager
 
 from sqlalchemy import DDL, MetaData, String, event, select, text, update
@@ -52,8 +57,8 @@ class Item(Base):
     last_error: Mapped[str | None] = mapped_column(String(200))
 
 
-# The production engine: the tests must never reach it.
-engine = create_async_engine("sqlite+aiosqlite:///production.db")
+# The production engine, on the suite's canary: the tests must never reach it.
+engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 expiring_session_factory = async_sessionmaker(engine)  # expire_on_commit=True
 sync_session_factory = sessionmaker()
@@ -113,6 +118,94 @@ def postgres_server() -> Iterator[EphemeralPostgres]:
         yield server
 
 
+CANARY = os.environ.setdefault("FASTSCHED_CANARY_URL", "sqlite+aiosqlite:///never-used.db")
+CANARY_ROWS = (
+    "CREATE TABLE items (id INTEGER PRIMARY KEY, status VARCHAR(20), last_error VARCHAR(200));"
+    "CREATE TABLE ticks (id INTEGER PRIMARY KEY, job VARCHAR(20), at VARCHAR(40));"
+    "INSERT INTO items VALUES (100, 'pending', NULL), (101, 'completed', NULL);"
+    "INSERT INTO ticks VALUES (100, 'production', '2026-11-29');"
+)
+
+
+class Canaries:
+    """Production databases that every app of the plugin's own suites points at.
+
+    A SQLite file and a PostgreSQL database outside the plugin's scratch databases, with
+    rows in them: the apps' production engines (``FASTSCHED_CANARY_URL``) point at them, as
+    a real app's configured engine points at its real database. Whatever the plugin lets
+    reach them changes them; they are compared, whole, with how they started.
+    """
+
+    def __init__(self, directory: Path, server: EphemeralPostgres) -> None:
+        self.sqlite = directory / "canary.db"
+        self.server = server
+        with sqlite3.connect(self.sqlite) as connection:
+            connection.executescript(CANARY_ROWS)
+        server.create_database("canary")
+        in_a_thread(execute_sql(server.dsn("canary"), CANARY_ROWS))
+        self.urls = {
+            "sqlite": f"sqlite+aiosqlite:///{self.sqlite}",
+            "postgresql": server.url("canary"),
+        }
+        self.start = self.contents()
+
+    def contents(self) -> dict[str, object]:
+        """Every byte of the SQLite file; every table and row of the PostgreSQL database."""
+        rows = in_a_thread(_contents(self.server.dsn("canary")))
+        return {"sqlite": hashlib.sha256(self.sqlite.read_bytes()).hexdigest(), "postgresql": rows}
+
+    def assert_untouched(self) -> None:
+        assert self.contents() == self.start, "a test reached the production canary"
+
+
+@pytest.fixture(scope="session", autouse=True)
+def canaries(
+    postgres_server: EphemeralPostgres, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[Canaries]:
+    """The production canaries of this test process, checked after its last test."""
+    canaries = Canaries(tmp_path_factory.mktemp("canary"), postgres_server)
+    os.environ["FASTSCHED_CANARY_URL"] = canaries.urls["sqlite"]
+    os.environ["REFERENCE_APP_DATABASE_URL"] = canaries.urls["sqlite"]
+    try:
+        yield canaries
+    finally:
+        os.environ["FASTSCHED_CANARY_URL"] = CANARY
+    canaries.assert_untouched()
+
+
+async def execute_sql(dsn: str, sql: str) -> None:
+    """Run ``sql`` on the PostgreSQL database of ``dsn``, on a connection of its own."""
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(sql)
+    finally:
+        await connection.close()
+
+
+async def _contents(dsn: str) -> list[object]:
+    connection = await asyncpg.connect(dsn)
+    try:
+        tables = [
+            row[0]
+            for row in await connection.fetch(
+                "SELECT tablename FROM pg_tables WHERE schemaname = 'public' ORDER BY 1"
+            )
+        ]
+        found: list[object] = list(tables)
+        for table in tables:
+            found += [tuple(row) for row in await connection.fetch(f"SELECT * FROM {table}")]
+        return found
+    finally:
+        await connection.close()
+
+
+def in_a_thread(coroutine: Any) -> Any:
+    """Run ``coroutine`` to its end in a thread, so that this thread's event loop stays as
+    pytest-asyncio set it."""
+    with ThreadPoolExecutor(1) as thread:
+        return thread.submit(asyncio.run, coroutine).result()
+
+
 @pytest.fixture
 def user_tmpdir(monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """The temporary directory of the user suites the test runs, in process or not.
@@ -137,6 +230,11 @@ def database(request: pytest.FixtureRequest) -> Iterator[str]:
     """
     server = request.getfixturevalue("postgres_server") if request.param != "sqlite" else None
     scratch = request.getfixturevalue("user_tmpdir")
+    if server is not None:  # the apps' production database is on the same server
+        canary = request.getfixturevalue("canaries").urls["postgresql"]
+        monkeypatch = request.getfixturevalue("monkeypatch")
+        monkeypatch.setenv("FASTSCHED_CANARY_URL", canary)
+        monkeypatch.setenv("REFERENCE_APP_DATABASE_URL", canary)
     yield "sqlite" if server is None else server.url()
     assert list(scratch.iterdir()) == []
     if server is not None:

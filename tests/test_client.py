@@ -12,6 +12,7 @@ from typing import Any
 import httpx
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from conftest import Canaries
 from fastapi import APIRouter, FastAPI, Request
 
 from pytest_fastsched import SchedulerHarness, VirtualClock
@@ -27,6 +28,7 @@ LIFESPAN_STYLES = ["unconditional", "guarded", "unmanaged"]
 # A user's app: its startup, its requests and its 5-minute job use one sessionmaker; the
 # lifespan starts and shuts down the scheduler unconditionally.
 WEB_APP = """
+import os
 from contextlib import asynccontextmanager
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -46,7 +48,7 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(20), default="pending")
 
 
-engine = create_async_engine("sqlite+aiosqlite:///production.db")
+engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 scheduler = AsyncIOScheduler(timezone="UTC")
 
@@ -322,7 +324,7 @@ async def test_a_failing_lifespan_names_the_app_and_its_exception(
 
 
 def test_the_user_suite_shares_the_test_database_and_needs_the_app(
-    pytester: pytest.Pytester,
+    pytester: pytest.Pytester, canaries: Canaries
 ) -> None:
     pytester.makepyfile(web=WEB_APP, test_web=WEB_TESTS)
     pytester.makeini(
@@ -339,7 +341,7 @@ def test_the_user_suite_shares_the_test_database_and_needs_the_app(
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", "-k", "not needs_the_app")
     result.assert_outcomes(passed=2, deselected=1)
-    assert not (pytester.path / "production.db").exists()
+    canaries.assert_untouched()
 
     result = pytester.runpytest_subprocess(
         "-o", "fastsched_app=", "-o", "fastsched_scheduler=", "-k", "needs_the_app"

@@ -234,6 +234,7 @@ async def test_max_instances_skips_runs_while_one_is_running(
     ]
 
 
+@pytest.mark.fastsched(allow_databases=["sqlite:///*/io.db"])  # the test's own file
 async def test_real_io_in_a_job_sees_no_time_jump(
     fastsched_clock: VirtualClock,
     fastsched_scheduler: SchedulerHarness,

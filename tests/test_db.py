@@ -117,7 +117,10 @@ def test_each_commit_is_seen_during_the_test_and_gone_after_it(
 
 
 SESSION_SETTINGS = """
+import os
+
 import pytest
+from sqlalchemy.engine import make_url
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession
 
 import app
@@ -145,15 +148,44 @@ async def test_commit_binds_the_test_engine_and_keeps_the_rest(fastsched_db):
     assert {**kw, "bind": ORIGINAL["bind"]} == ORIGINAL
 
 
+@pytest.mark.asyncio
+async def test_the_apps_engine_is_the_test_engines_for_the_test(fastsched_db):
+    assert app.engine.url == fastsched_db.engine.url
+    assert app.engine.pool is fastsched_db.engine.pool
+
+
 def test_the_app_settings_are_restored_after_the_test():
     assert app.async_session_factory.kw == ORIGINAL
     assert app.async_session_factory.kw["bind"] is app.engine
+    assert app.engine.url == make_url(os.environ["FASTSCHED_CANARY_URL"])
 """
 
 
 def test_the_apps_session_settings_are_kept_and_restored(db_suite: pytest.Pytester) -> None:
     db_suite.makepyfile(test_settings=SESSION_SETTINGS)
-    db_suite.runpytest_inprocess(*NO_RANDOM_ORDER).assert_outcomes(passed=3)
+    db_suite.runpytest_inprocess(*NO_RANDOM_ORDER).assert_outcomes(passed=4)
+
+
+ISOLATION_SETTING = """
+import pytest
+
+
+@pytest.mark.asyncio
+async def test_the_setting_is_the_default(fastsched_db):
+    assert fastsched_db.isolation == "commit"
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="rollback")
+async def test_the_marker_wins(fastsched_db):
+    assert fastsched_db.isolation == "rollback"
+"""
+
+
+def test_fastsched_isolation_sets_the_suites_default(db_suite: pytest.Pytester) -> None:
+    db_suite.makepyfile(test_isolation=ISOLATION_SETTING)
+    result = db_suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-o", "fastsched_isolation=commit")
+    result.assert_outcomes(passed=2)
 
 
 HELPERS = """

@@ -43,8 +43,14 @@ BAD_INPUT = {
         "--fastsched-sessionmaker=app:sync_session_factory",
         "fastsched_sessionmaker = 'app:sync_session_factory' is a "
         "sqlalchemy.orm.session.sessionmaker, not an async_sessionmaker: point it at the "
-        "app's sqlalchemy.ext.asyncio.async_sessionmaker (the factory its jobs open sessions "
-        "with).",
+        "app's sqlalchemy.ext.asyncio.async_sessionmaker, or a "
+        "sessionmaker(class_=AsyncSession) (the factory its jobs open sessions with).",
+    ),
+    "not an engine": (
+        "--fastsched-engine=app:async_session_factory",
+        "fastsched_engine = 'app:async_session_factory' is a "
+        "sqlalchemy.ext.asyncio.session.async_sessionmaker, not an AsyncEngine: point it at "
+        "the app's sqlalchemy.ext.asyncio.AsyncEngine (the one create_async_engine() made).",
     ),
     "not a MetaData": (
         "--fastsched-metadata=app:Base",

@@ -7,6 +7,7 @@ would otherwise pass.
 from __future__ import annotations
 
 import pytest
+from conftest import Canaries
 
 GUARDED = """
 import asyncio
@@ -35,8 +36,9 @@ async def test_second_connection(fastsched_db):
 
 
 @pytest.mark.asyncio
-async def test_the_apps_own_engine(fastsched_db):
-    await swallowing(write_through(app.engine))
+async def test_the_apps_own_engine_joins_the_test_connection(fastsched_db):
+    await write_through(app.engine)
+    assert await fastsched_db.fetch("items") == [{"id": 9, "status": "leak", "last_error": None}]
 
 
 async def step_by_step(name):
@@ -81,14 +83,6 @@ SECOND_CONNECTION = (
     "through the app's sessionmaker (it is bound to the test connection), or mark the test "
     "@pytest.mark.fastsched(isolation='commit') for work that needs several connections."
 )
-APP_ENGINE = (
-    "fastsched_db: the app used its own engine (sqlite+aiosqlite:///production.db) during a "
-    "rollback-isolated test, not the sessionmaker the plugin re-binds: its writes would "
-    "really commit, to the app's configured database, and the test would not see them. Open "
-    "sessions through the app's sessionmaker (fastsched_sessionmaker), or monkeypatch the "
-    "engine with fastsched_db.engine in a test marked "
-    "@pytest.mark.fastsched(isolation='commit')."
-)
 OVERLAP = (
     "fastsched_db: two tasks used the shared test connection at the same time: "
     "task 'Task-*' (swallowing) still had a session transaction open when "
@@ -114,14 +108,15 @@ ANOTHER_LOOP = (
 )
 
 
-def test_each_guard_fails_the_test_with_its_fix(db_suite: pytest.Pytester) -> None:
+def test_each_guard_fails_the_test_with_its_fix(
+    db_suite: pytest.Pytester, canaries: Canaries
+) -> None:
     db_suite.makepyfile(test_guarded=GUARDED)
     result = db_suite.runpytest_inprocess("-p", "no:randomly", "--tb=short")
-    result.assert_outcomes(passed=1, failed=6)
+    result.assert_outcomes(passed=2, failed=5)
     error = "E   pytest_fastsched.DatabaseGuardError: "
     for test, message in [
         ("test_second_connection", SECOND_CONNECTION),
-        ("test_the_apps_own_engine", APP_ENGINE),
         ("test_overlapping_jobs", OVERLAP),
         ("test_vacuum", NOT_IN_A_TRANSACTION.format("VACUUM")),
         (
@@ -131,8 +126,8 @@ def test_each_guard_fails_the_test_with_its_fix(db_suite: pytest.Pytester) -> No
         ("test_another_loop", ANOTHER_LOOP),
     ]:
         result.stdout.fnmatch_lines([f"_* {test} _*", error + message])
-    # The guard stopped the write before it reached the app's database.
-    assert not db_suite.path.joinpath("production.db").exists()
+    # The app's own engine wrote to the test database, never to the app's.
+    canaries.assert_untouched()
     # Each error is reported once: the test's own failure is not repeated in a section.
     assert "fastsched_db guard" not in result.stdout.str()
 
@@ -147,8 +142,8 @@ import app
 async def test_a_swallowed_guard_error_explains_a_failure(fastsched_db):
     await fastsched_db.insert("items", {"id": 1})
     try:
-        async with app.engine.begin():
-            pass
+        async with fastsched_db.engine.begin() as connection:
+            await connection.exec_driver_sql("UPDATE items SET status = 'completed'")
     except Exception:
         pass
     assert await fastsched_db.status_of("items", 1) == "completed"
@@ -162,7 +157,7 @@ def test_a_guard_error_behind_another_failure_is_shown_beside_it(
     result = db_suite.runpytest_inprocess("--tb=short")
     result.assert_outcomes(failed=1)
     result.stdout.fnmatch_lines(["E   AssertionError: assert 'pending' == 'completed'"])
-    result.stdout.fnmatch_lines(["-* fastsched_db guard -*", APP_ENGINE], consecutive=True)
+    result.stdout.fnmatch_lines(["-* fastsched_db guard -*", SECOND_CONNECTION], consecutive=True)
 
 
 MISSING_GREENLET = """

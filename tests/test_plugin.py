@@ -192,8 +192,34 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
             "fastsched_watchdog = -3",
             "ERROR: fastsched_watchdog = '-3' is not valid: give a positive number of seconds",
         ),
+        (
+            "fastsched_isolation = nested",
+            "ERROR: fastsched_isolation = 'nested' is not valid: use one of 'rollback', "
+            "'commit' (ini option fastsched_isolation or --fastsched-isolation). "
+            "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
+        ),
+        (
+            "fastsched_sessionmaker = app.session:factory app.session.other",
+            "ERROR: fastsched_sessionmaker = 'app.session.other' is not a 'module:attr' path: "
+            "write it like 'app.services.scheduler:scheduler'. "
+            "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
+        ),
+        (
+            "fastsched_engine = app.session.engine",
+            "ERROR: fastsched_engine = 'app.session.engine' is not a 'module:attr' path: "
+            "write it like 'app.services.scheduler:scheduler'. "
+            "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
+        ),
     ],
-    ids=["backend", "module-attr", "naive-start", "watchdog"],
+    ids=[
+        "backend",
+        "module-attr",
+        "naive-start",
+        "watchdog",
+        "isolation",
+        "sessionmakers",
+        "engine",
+    ],
 )
 def test_bad_ini_values_are_usage_errors(
     pytester: pytest.Pytester, line: str, message: str
@@ -203,6 +229,23 @@ def test_bad_ini_values_are_usage_errors(
     result = pytester.runpytest_subprocess()
     assert result.ret == pytest.ExitCode.USAGE_ERROR
     result.stderr.fnmatch_lines([message])
+
+
+def test_the_header_names_the_isolation_settings(pytester: pytest.Pytester) -> None:
+    _ini(
+        pytester,
+        "fastsched_isolation = commit",
+        "fastsched_engine = app_scheduler:engine",
+        "fastsched_allow_databases = postgresql://reports:5432/* sqlite:////srv/cache.db",
+    )
+    pytester.makepyfile(test_user=FIRES)
+    result = pytester.runpytest_subprocess()
+    result.stdout.fnmatch_lines(
+        [
+            "fastsched isolation: isolation=commit, engine=app_scheduler:engine, "
+            "allow_databases=postgresql://reports:5432/* sqlite:////srv/cache.db"
+        ]
+    )
 
 
 def test_command_line_beats_ini(pytester: pytest.Pytester) -> None:
@@ -245,13 +288,19 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
             "@pytest.mark.fastsched(stat='2030-01-01T00:00:00+00:00')",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
             "'stat' (did you mean 'start'?); valid: start, isolation, job_errors, track, "
-            "replicas, prepared_statements",
+            "replicas, prepared_statements, allow_databases",
         ),
         (
             "@pytest.mark.fastsched(workers=2)",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
             "'workers'; valid: start, isolation, job_errors, track, replicas, "
-            "prepared_statements",
+            "prepared_statements, allow_databases",
+        ),
+        (
+            "@pytest.mark.fastsched(allow_databases='reports.db')",
+            "E*UsageError: @pytest.mark.fastsched(allow_databases='reports.db') is not valid: "
+            "give database URLs, e.g. allow_databases=('sqlite:///reports.db', "
+            "'postgresql://localhost:5432/analytics') (? matches anything)",
         ),
         (
             "@pytest.mark.fastsched(isolation='nested')",
@@ -264,7 +313,7 @@ def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, messa
             "('2030',) on test_user.py::test_fires",
         ),
     ],
-    ids=["typo", "unknown", "bad-isolation", "positional"],
+    ids=["typo", "unknown", "allow-databases", "bad-isolation", "positional"],
 )
 def test_marker_arguments_are_validated(
     pytester: pytest.Pytester, marker: str, message: str

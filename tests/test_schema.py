@@ -19,6 +19,8 @@ README = Path(__file__).resolve().parent.parent / "README.md"
 SuiteMaker = Callable[[], pytest.Pytester]
 
 MODELS = """
+import os
+
 from sqlalchemy import (
     Column, ForeignKey, Index, Integer, MetaData, String, Table, TypeDecorator, Uuid, select,
     text,
@@ -52,7 +54,7 @@ class Job(Base):
 
 
 # The production engine: the tests must never reach it.
-engine = create_async_engine("sqlite+aiosqlite:///production.db")
+engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 
 

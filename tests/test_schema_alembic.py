@@ -7,6 +7,7 @@ on SQLite and on PostgreSQL.
 
 from __future__ import annotations
 
+import os
 import shutil
 import sys
 from collections.abc import Callable
@@ -65,7 +66,6 @@ async def test_seed_rows_and_the_version_stay_and_test_rows_go(fastsched_db, cap
     assert await scalar(fastsched_db, "SELECT version_num FROM alembic_version") == "0002"
     LOG.warning("still heard")
     assert caplog.messages == ["still heard"]
-    assert not Path("production.db").exists()
 """
 
 
@@ -193,31 +193,49 @@ def test_a_broken_alembic_ini_is_named(alembic_suite: SuiteMaker, database: str)
     result.stdout.fnmatch_lines([message, "The test database starts empty: *"] * 2)
 
 
+ANOTHER_DATABASE = (
+    "fastsched_alembic = 'alembic.ini': env.py connected to another database than the "
+    "test database (sqlite:///{directory}/elsewhere.db), and the plugin stopped it there: a test "
+    "run never migrates the app's own database. Let env.py use the connection in "
+    "config.attributes['connection'] when it is set (Alembic's cookbook recipe 'Sharing "
+    "a Connection across one or more programmatic migration commands'), or the "
+    "sqlalchemy.url the plugin sets, instead of a URL of its own."
+)
+NOTHING_MIGRATED = (
+    "fastsched_alembic = 'alembic.ini': alembic upgrade heads ran, but the test database "
+    "is still empty (not even an alembic_version table): env.py migrated another "
+    "database. Let env.py use the connection in config.attributes['connection'] when it "
+    "is set (Alembic's cookbook recipe 'Sharing a Connection across one or more "
+    "programmatic migration commands'), or the sqlalchemy.url the plugin sets, instead "
+    "of a URL of its own."
+)
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("sqlite+aiosqlite:///elsewhere.db", ANOTHER_DATABASE),
+        ("sqlite+aiosqlite:///:memory:", NOTHING_MIGRATED),
+    ],
+    ids=["a file: refused", "in memory"],
+)
 def test_an_env_py_that_migrates_another_database_is_named(
-    alembic_suite: SuiteMaker,
+    alembic_suite: SuiteMaker, url: str, message: str
 ) -> None:
     pytester = alembic_suite(env_py="async_reads_url.py")
     env_py = pytester.path / "migrations" / "env.py"
     env_py.write_text(
         env_py.read_text().replace(
             "config = context.config\n",
-            "config = context.config\n"
-            'config.set_main_option("sqlalchemy.url", "sqlite+aiosqlite:///elsewhere.db")\n',
+            f'config = context.config\nconfig.set_main_option("sqlalchemy.url", "{url}")\n',
         )
     )
     pytester.makepyfile(test_two=TWO_TESTS)
     result = pytester.runpytest_inprocess()
     result.assert_outcomes(errors=2)
-    message = (
-        "fastsched_alembic = 'alembic.ini': alembic upgrade heads ran, but the test database "
-        "is still empty (not even an alembic_version table): env.py migrated another "
-        "database. Let env.py use the connection in config.attributes['connection'] when it "
-        "is set (Alembic's cookbook recipe 'Sharing a Connection across one or more "
-        "programmatic migration commands'), or the sqlalchemy.url the plugin sets, instead "
-        "of a URL of its own."
-    )
+    message = message.format(directory=os.path.realpath(pytester.path))
     result.stdout.fnmatch_lines([message, message])
-    assert pytester.path.joinpath("elsewhere.db").exists()
+    assert not pytester.path.joinpath("elsewhere.db").exists()
 
 
 def test_a_missing_alembic_names_the_extra(

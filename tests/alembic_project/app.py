@@ -1,6 +1,7 @@
 """The app whose schema the Alembic project builds: its models map fewer columns."""
 
 import enum
+import os
 
 from sqlalchemy import Enum, ForeignKey, String, select
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
@@ -34,8 +35,8 @@ class Job(Base):
     last_error: Mapped[str | None] = mapped_column(String(200))
 
 
-# The production engine: the tests must never reach it.
-engine = create_async_engine("sqlite+aiosqlite:///production.db")
+# The production engine, on the suite's canary: the tests must never reach it.
+engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 
 

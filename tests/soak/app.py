@@ -2,6 +2,7 @@
 
 import asyncio
 import datetime as dt
+import os
 import time
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -28,8 +29,8 @@ class Tick(Base):
     at: Mapped[str] = mapped_column(String(40))
 
 
-# The production engine: the tests never reach it.
-engine = create_async_engine("sqlite+aiosqlite:///production.db")
+# The production engine, on the suite's canary: the tests must never reach it.
+engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 scheduler = AsyncIOScheduler(timezone="UTC")
 beats: list[dt.datetime] = []

@@ -1,0 +1,165 @@
+"""What the seal costs: python benchmarks/bench_seal.py [--pairs 8]
+
+Two measures, each with the seal off and on:
+
+1. one virtual day of a 1-minute interval job doing one SQLite round trip (the virtual-day
+   benchmark of ``bench_clock.py``, on the time-machine backend), the whole day sealed;
+2. per-test rollback isolation on SQLite, in one event loop (``bench_db.py``'s measure), 300
+   tests, each one sealed: the seal's start and end, and the test database's check.
+
+Python cannot remove an audit hook, which the seal adds once a process seals a test, so each
+side runs in a process of its own, the sides alternated A B B A, ``--pairs`` times. Prints
+the median of each side, the median and range of the per-pair ratios (on / off), and the
+load average.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import text
+from sqlalchemy.ext.asyncio import async_sessionmaker
+
+from pytest_fastsched import _db, _options, _seal
+from pytest_fastsched._clock import VirtualClock
+from pytest_fastsched._scheduler import SchedulerHarness
+
+START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+TESTS = 300
+sessionmaker = async_sessionmaker(expire_on_commit=False)
+
+
+def settings() -> _options.Settings:
+    return _options.Settings(
+        scheduler=None,
+        sessionmaker="__main__:sessionmaker",
+        metadata=None,
+        app=None,
+        database="sqlite",
+        clock_backend="time-machine",
+        start=START,
+        watchdog=30.0,
+    )
+
+
+@contextlib.contextmanager
+def maybe_sealed(sealed: bool, databases: _db.Databases) -> Iterator[None]:
+    if not sealed:
+        yield
+        return
+    with _seal.sealed(_seal.Seal(databases.owned)):
+        yield
+
+
+async def virtual_day(databases: _db.Databases, sealed: bool) -> float:
+    await databases.setup()
+    async with databases.open_test("rollback"):
+        clock = VirtualClock(start=START, backend="time-machine")
+        clock.start()
+        harness = SchedulerHarness(clock)
+        scheduler = AsyncIOScheduler(timezone="UTC")
+
+        async def job() -> None:
+            async with sessionmaker() as session:
+                await session.execute(text("SELECT 1"))
+
+        scheduler.add_job(job, "interval", minutes=1, id="job")
+        harness.attach(scheduler)
+        clock.attach()
+        with maybe_sealed(sealed, databases):
+            began = time.perf_counter()
+            await clock.advance(days=1)
+            elapsed = time.perf_counter() - began
+        assert len(harness.run_times("job")) == 1440
+        harness.close()
+        clock.close()
+    return elapsed
+
+
+async def isolation(databases: _db.Databases, sealed: bool) -> float:
+    await databases.setup()
+    async with databases.open_test("rollback"):
+        pass  # the pooled connection, made once
+    samples = []
+    for _ in range(TESTS):
+        began = time.perf_counter()
+        with maybe_sealed(sealed, databases):
+            async with databases.open_test("rollback"):
+                pass
+        samples.append(time.perf_counter() - began)
+    return statistics.median(samples)
+
+
+def side(measure: str, sealed: bool) -> float:
+    """One measurement, in this process."""
+    databases = _db.Databases(settings())
+    try:
+        run = virtual_day if measure == "day" else isolation
+        return asyncio.run(run(databases, sealed))
+    finally:
+        databases.close()
+
+
+def in_a_process(measure: str, sealed: bool) -> float:
+    command = [sys.executable, __file__, "--side", measure, "--sealed" if sealed else "--open"]
+    with tempfile.TemporaryDirectory() as directory:
+        out = subprocess.run(
+            command, check=True, capture_output=True, text=True, cwd=directory
+        ).stdout
+    return float(json.loads(out.strip().splitlines()[-1])["seconds"])
+
+
+def compare(measure: str, pairs: int) -> tuple[float, float, list[float]]:
+    off: list[float] = []
+    on: list[float] = []
+    ratios: list[float] = []
+    for index in range(pairs):
+        order = (False, True) if index % 2 == 0 else (True, False)  # A B, then B A
+        results = {sealed: in_a_process(measure, sealed) for sealed in order}
+        off.append(results[False])
+        on.append(results[True])
+        ratios.append(results[True] / results[False])
+    return statistics.median(off), statistics.median(on), ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--side", choices=("day", "isolation"))
+    parser.add_argument("--sealed", action="store_true")
+    parser.add_argument("--open", action="store_true")
+    options = parser.parse_args()
+    if options.side:
+        sys.path.insert(0, str(Path(__file__).parent))
+        print(json.dumps({"seconds": side(options.side, options.sealed)}))
+        return
+    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    print("| measure | seal off | seal on | on/off: median (range) |")
+    print("|---|---|---|---|")
+    for measure, label, unit, scale in (
+        ("day", "virtual day, 1-minute job + SQLite, time-machine", "ms", 1e3),
+        ("isolation", "per-test rollback isolation, SQLite, one loop", "ms", 1e3),
+    ):
+        off, on, ratios = compare(measure, options.pairs)
+        print(
+            f"| {label} | {off * scale:.2f} {unit} | {on * scale:.2f} {unit} | "
+            f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |"
+        )
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+
+
+if __name__ == "__main__":
+    main()
