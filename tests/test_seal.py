@@ -445,13 +445,17 @@ def sealed_suite(
         apps.drop()
 
 
+@pytest.mark.parametrize("workers", [0, 2], ids=["one process", "xdist"])
 def test_every_way_to_the_apps_database_ends_on_the_test_database(
-    sealed_suite: tuple[pytest.Pytester, AppDatabases],
+    sealed_suite: tuple[pytest.Pytester, AppDatabases], workers: int
 ) -> None:
     pytester, apps = sealed_suite
     before = apps.contents()
     pytester.makepyfile(test_reached=REACHED)
-    result = pytester.runpytest_inprocess("-p", "no:randomly")
+    if workers:
+        result = pytester.runpytest_subprocess("-p", "xdist", "-n", str(workers))
+    else:
+        result = pytester.runpytest_inprocess("-p", "no:randomly")
     result.assert_outcomes(passed=15)
     assert apps.contents() == before
 
