@@ -10,7 +10,9 @@ Two measures, each with the seal off and on:
 Python cannot remove an audit hook, which the seal adds once a process seals a test, so each
 side runs in a process of its own, the sides alternated A B B A, ``--pairs`` times. Prints
 the median of each side, the median and range of the per-pair ratios (on / off), and the
-load average.
+load average. Wall time on a shared 2-core machine moves by more than the seal costs, so
+``--callgrind`` also counts the instructions of one run of each side under valgrind's
+callgrind, which gives the same count whatever the load.
 """
 
 from __future__ import annotations
@@ -38,7 +40,7 @@ from pytest_fastsched._clock import VirtualClock
 from pytest_fastsched._scheduler import SchedulerHarness
 
 START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
-TESTS = 300
+TESTS = 300  # per-test isolation: tests measured per process
 sessionmaker = async_sessionmaker(expire_on_commit=False)
 
 
@@ -135,9 +137,31 @@ def compare(measure: str, pairs: int) -> tuple[float, float, list[float]]:
     return statistics.median(off), statistics.median(on), ratios
 
 
+def instructions(measure: str, sealed: bool) -> int:
+    """The instructions one side executes, counted by callgrind (the whole process)."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = Path(directory) / "callgrind.out"
+        command = [
+            "valgrind",
+            "--tool=callgrind",
+            f"--callgrind-out-file={out}",
+            sys.executable,
+            __file__,
+            "--side",
+            measure,
+            "--sealed" if sealed else "--open",
+        ]
+        subprocess.run(command, check=True, capture_output=True, cwd=directory)
+        for line in out.read_text().splitlines():
+            if line.startswith("summary:") or line.startswith("totals:"):
+                return int(line.split()[1])
+    raise RuntimeError("callgrind wrote no totals")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--callgrind", action="store_true")
     parser.add_argument("--side", choices=("day", "isolation"))
     parser.add_argument("--sealed", action="store_true")
     parser.add_argument("--open", action="store_true")
@@ -158,6 +182,12 @@ def main() -> None:
             f"| {label} | {off * scale:.2f} {unit} | {on * scale:.2f} {unit} | "
             f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |"
         )
+        if options.callgrind:
+            counts = {sealed: instructions(measure, sealed) for sealed in (False, True)}
+            print(
+                f"| {label}, instructions (callgrind, whole process) | {counts[False]:,} | "
+                f"{counts[True]:,} | {counts[True] / counts[False]:.4f}x |"
+            )
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
 
 

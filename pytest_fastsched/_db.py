@@ -11,20 +11,18 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import pytest
-from sqlalchemy import MetaData, Table, insert, inspect, select
+from sqlalchemy import Integer, MetaData, Table, insert, inspect, select, text
 from sqlalchemy.engine import Connection
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
-from pytest_fastsched import _isolation, _options, _rebind, _schema, _seal, _testdb
+from pytest_fastsched import _isolation, _options, _prepared, _rebind, _schema, _seal, _testdb
 from pytest_fastsched._isolation import DatabaseGuardError, RunningTest
 from pytest_fastsched._options import failure
-
-if TYPE_CHECKING:
-    from pytest_fastsched._prepared import PreparedStatementLeak, PreparedStatementMonitor
+from pytest_fastsched._prepared import PreparedStatementLeak, PreparedStatementMonitor
 
 # -- the databases of this process -----------------------------------------------------------
 
@@ -45,6 +43,8 @@ class Databases:
             settings, worker=worker, workerinput=workerinput, schema_hook=schema_hook
         )
         self.isolation = _isolation.Isolation()
+        self.model_tables: dict[str, Table] = {}
+        """The app's tables as the test database has them (see ``with_database_columns``)."""
         self._error: BaseException | None = None
         self._ready = False
 
@@ -213,13 +213,19 @@ class Database:
     async def insert(
         self, table: str | Table, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     ) -> None:
-        """Insert one row (a mapping) or several, committed like an app session commits."""
+        """Insert one row (a mapping) or several, committed like an app session commits.
+
+        On PostgreSQL, a sequence behind a primary key the rows give is moved past them, so
+        that the app's next insert does not take an id they took.
+        """
         found = await self.table(table)
         values = [rows] if isinstance(rows, Mapping) else list(rows)
         if not values:
             return
         async with self._helper_connection() as connection:
             await connection.execute(insert(found), [dict(row) for row in values])
+            if self.dialect == "postgresql":
+                await _advance_sequences(connection, found, values)
 
     async def fetch(self, table: str | Table, /, **equal: Any) -> list[dict[str, Any]]:
         """The rows whose columns equal the keyword arguments, as dicts, by primary key."""
@@ -255,26 +261,32 @@ class Database:
         return await self.value_of(table, key, column)
 
     async def table(self, table: str | Table) -> Table:
-        """The ``Table`` named ``table``: from ``fastsched_metadata``, else reflected."""
+        """The ``Table`` named ``table``: from ``fastsched_metadata`` (with the columns the
+        database has and the model lacks, added by a migration or the schema hook), else
+        reflected."""
         if isinstance(table, Table):
             return table
         metadata = self._databases.metadata
-        if metadata is not None and table in metadata.tables:
-            return metadata.tables[table]
-        if table not in self._tables:
+        model = metadata.tables.get(table) if metadata is not None else None
+        known = self._tables if model is None else self._databases.model_tables
+        if table not in known:
             async with self._helper_connection() as connection:
-                self._tables[table] = await connection.run_sync(_reflect, table)
-        return self._tables[table]
+                if model is None:
+                    known[table] = await connection.run_sync(_reflect, table)
+                else:
+                    known[table] = await connection.run_sync(with_database_columns, model)
+        return known[table]
 
     @contextlib.asynccontextmanager
     async def _helper_connection(self) -> AsyncIterator[AsyncConnection]:
         self._state.check_loop()
-        if self._connection is None:
-            async with self.engine.begin() as connection:
-                yield connection
-        else:
-            async with self._connection.begin_nested():
-                yield self._connection
+        with _prepared.plugin_statements():
+            if self._connection is None:
+                async with self.engine.begin() as connection:
+                    yield connection
+            else:
+                async with self._connection.begin_nested():
+                    yield self._connection
 
     # -- named prepared statements (pytest_fastsched._prepared)
 
@@ -288,8 +300,6 @@ class Database:
         if mode == "ignore" or self.dialect != "postgresql":
             yield
             return
-        from pytest_fastsched import _prepared
-
         target = self.engine if self._connection is None else self._connection
         monitor = self._prepared_monitor = _prepared.PreparedStatementMonitor(target)
         with monitor.watching():
@@ -335,8 +345,6 @@ class Database:
         """The report of what ``monitor`` found, or ``None`` when it found nothing."""
         if not monitor.leaks and not monitor.errors:
             return None
-        from pytest_fastsched import _prepared
-
         engine_options = self._databases.settings.engine_options
         return _prepared.report(monitor.leaks, monitor.errors, engine_options)
 
@@ -393,6 +401,40 @@ def _key_values(table: Table, key: Any) -> list[tuple[Any, Any]]:
             f"not {key!r}"
         )
     return list(zip(columns, values, strict=True))
+
+
+async def _advance_sequences(
+    connection: AsyncConnection, table: Table, rows: Sequence[Mapping[str, Any]]
+) -> None:
+    """Move the sequences of ``table``'s integer key columns ``rows`` gave values for past
+    them."""
+    quote = connection.dialect.identifier_preparer
+    for column in table.primary_key.columns:
+        if not isinstance(column.type, Integer) or not any(column.name in row for row in rows):
+            continue
+        await connection.execute(
+            text(
+                "SELECT setval(sequence, GREATEST(top, 1), top >= 1) "
+                "FROM pg_get_serial_sequence(:table, :column) AS sequence, "
+                f"(SELECT COALESCE(max({quote.quote(column.name)}), 0) AS top "
+                f"FROM {quote.format_table(table)}) AS existing "
+                "WHERE sequence IS NOT NULL"
+            ),
+            {"table": quote.format_table(table), "column": column.name},
+        )
+
+
+def with_database_columns(connection: Connection, table: Table) -> Table:
+    """``table``, with the columns the database has and the model lacks (a column a migration
+    or the schema hook added, such as ``last_error``) reflected into a copy of it."""
+    found = inspect(connection).get_columns(table.name, schema=table.schema)
+    extra = [column["name"] for column in found if column["name"] not in table.columns]
+    if not extra:
+        return table
+    reflected = Table(table.name, MetaData(), autoload_with=connection, schema=table.schema)
+    columns = [*(column._copy() for column in table.columns)]
+    columns += [reflected.columns[name]._copy() for name in extra]
+    return Table(table.name, MetaData(), *columns, schema=table.schema)
 
 
 def _reflect(connection: Connection, name: str) -> Table:

@@ -28,6 +28,7 @@ from sqlalchemy.exc import NoSuchTableError
 
 from pytest_fastsched import _asserts
 from pytest_fastsched._capture import Tracked, capture
+from pytest_fastsched._db import with_database_columns
 from pytest_fastsched._options import DOCS, Settings, TrackSpec, marker_options
 from pytest_fastsched._records import HistoryRecord
 
@@ -77,7 +78,8 @@ async def resolve(database: Database, configured: Sequence[tuple[TrackSpec, str]
 
 
 async def _tables_of(database: Database) -> dict[str, Table]:
-    """The tables of the test database: the app's ``Table`` objects where it has them."""
+    """The tables of the test database: the app's ``Table`` objects where it has them, with
+    the columns a migration or the schema hook added."""
     if database.url not in _TABLES:
         metadata = database.metadata
 
@@ -88,9 +90,13 @@ async def _tables_of(database: Database) -> dict[str, Table]:
             missing = [name for name in names if name not in known]
             if missing:
                 reflected.reflect(connection, only=missing)
-            tables = {name: known.get(name) for name in names}
+            tables = {
+                name: with_database_columns(connection, known[name])
+                for name in names
+                if name in known
+            }
             tables.update(reflected.tables)
-            return {name: table for name, table in tables.items() if table is not None}
+            return tables
 
         async with database.connection() as connection:
             _TABLES[database.url] = await connection.run_sync(load)

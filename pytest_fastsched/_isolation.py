@@ -28,6 +28,7 @@ from sqlalchemy.engine import Connection
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pytest_fastsched import _options, _rebind
+from pytest_fastsched._records import RunRef, current_run
 
 _NON_TRANSACTIONAL = re.compile(
     r"""\s*(
@@ -70,24 +71,49 @@ OTHER_LOOP = (
 )
 
 
-def _overlap_message(owner: asyncio.Task[Any], intruder: asyncio.Task[Any] | None) -> str:
+def _overlap_message(owner: _Holder, intruder: _Holder) -> str:
+    both_jobs = owner.run is not None and intruder.run is not None
+    what = "jobs" if both_jobs else "tasks"
+    same_instant = ""
+    if (
+        owner.run is not None
+        and intruder.run is not None
+        and (owner.run.scheduled == intruder.run.scheduled)
+    ):
+        same_instant = (
+            f" Both were due at {owner.run.scheduled.isoformat()}: jobs due at the same "
+            "instant run at once."
+        )
     return (
-        f"fastsched_db: two tasks used the shared test connection at the same time: "
-        f"{_describe_task(owner)} still had a session transaction open when "
-        f"{_describe_task(intruder)} used the connection. Under rollback isolation every "
-        "session shares one connection, so jobs that overlap (max_instances > 1, several "
-        "replicas, asyncio.gather) cannot run at once. Mark the test "
-        "@pytest.mark.fastsched(isolation='commit') to give each session its own connection, "
-        "or let the jobs run one after another."
+        f"fastsched_db: two {what} used the shared test connection at the same time: "
+        f"{owner.describe()} still had a session transaction open when "
+        f"{intruder.describe()} used the connection.{same_instant} Under rollback isolation "
+        "every session shares one connection, so jobs that overlap (max_instances > 1, "
+        "several replicas, jobs due together, asyncio.gather) cannot run at once. Mark the "
+        "test @pytest.mark.fastsched(isolation='commit') to give each session its own "
+        "connection, or let the jobs run one after another."
     )
 
 
-def _describe_task(task: asyncio.Task[Any] | None) -> str:
-    if task is None:
-        return "code outside any task"
-    coroutine = task.get_coro()
-    name = getattr(coroutine, "__qualname__", type(coroutine).__name__)
-    return f"task {task.get_name()!r} ({name})"
+@dataclasses.dataclass(frozen=True)
+class _Holder:
+    """What holds a savepoint of the test connection: a task, and the job run it is."""
+
+    task: asyncio.Task[Any] | None
+    run: RunRef | None
+
+    @classmethod
+    def current(cls) -> _Holder:
+        return cls(asyncio.current_task(), current_run.get())
+
+    def describe(self) -> str:
+        if self.run is not None:
+            return f"job {self.run.job_id!r} (scheduled {self.run.scheduled.isoformat()})"
+        if self.task is None:
+            return "code outside any task"
+        coroutine = self.task.get_coro()
+        name = getattr(coroutine, "__qualname__", type(coroutine).__name__)
+        return f"task {self.task.get_name()!r} ({name})"
 
 
 def _non_transactional_message(statement: str) -> str:
@@ -107,9 +133,7 @@ class RunningTest:
     isolation: _options.IsolationMode
     loop: asyncio.AbstractEventLoop
     connection: Connection | None
-    savepoints: list[tuple[str, asyncio.Task[Any] | None]] = dataclasses.field(
-        default_factory=list
-    )
+    savepoints: list[tuple[str, _Holder]] = dataclasses.field(default_factory=list)
     errors: list[DatabaseGuardError] = dataclasses.field(default_factory=list)
 
     def violation(self, message: str) -> DatabaseGuardError:
@@ -140,7 +164,7 @@ class RunningTest:
         if _NON_TRANSACTIONAL.match(statement):
             raise self.violation(_non_transactional_message(statement))
         if head.startswith("SAVEPOINT "):
-            self.savepoints.append((statement.split()[-1], asyncio.current_task()))
+            self.savepoints.append((statement.split()[-1], _Holder.current()))
 
     def _shares_test_connection(self, connection: Connection) -> bool:
         """An app engine's connection joined to the test connection (see ``_rebind``)."""
@@ -153,8 +177,8 @@ class RunningTest:
             return
         owner = self.savepoints[-1][1]
         task = asyncio.current_task()
-        if owner is not None and owner is not task and not owner.done():
-            raise self.violation(_overlap_message(owner, task))
+        if owner.task is not None and owner.task is not task and not owner.task.done():
+            raise self.violation(_overlap_message(owner, _Holder.current()))
 
     def _end_savepoint(self, name: str) -> None:
         for index in range(len(self.savepoints) - 1, -1, -1):

@@ -570,8 +570,46 @@ MARKER_HELP = (
 )
 
 
+MARKER_KEY: pytest.StashKey[MarkerOptions] = pytest.StashKey()
+
+
 def marker_options(node: pytest.Item) -> MarkerOptions:
-    """Merge the ``fastsched`` markers of a test (closest wins) into one validated value."""
+    """The ``fastsched`` markers of a test, merged (closest wins) and validated.
+
+    The plugin's fixtures read them as they are set up; the last reading is kept, for
+    :func:`check_marker_unchanged`.
+    """
+    options = node.stash[MARKER_KEY] = _read_marker_options(node)
+    return options
+
+
+def check_marker_unchanged(item: pytest.Item) -> None:
+    """Fail a test that applied a ``fastsched`` marker after the plugin's fixtures read them.
+
+    ``request.applymarker(pytest.mark.fastsched(...))`` in the test body, or in a fixture
+    that runs after the plugin's, comes too late for the fixtures it means to change.
+    """
+    __tracebackhide__ = True
+    used = item.stash.get(MARKER_KEY, None)
+    if used is None:
+        return
+    now = _read_marker_options(item)
+    changed = [
+        f"{field.name}={getattr(now, field.name)!r} (the fixtures used "
+        f"{getattr(used, field.name)!r})"
+        for field in dataclasses.fields(MarkerOptions)
+        if getattr(now, field.name) != getattr(used, field.name)
+    ]
+    if changed:
+        raise failure(
+            f"a fastsched marker was applied to {item.nodeid} after the plugin's fixtures were "
+            f"set up, so it changed nothing: {', '.join(changed)}. Put the marker on the test "
+            "(or its class or module), or apply it in a fixture that the plugin's fixtures "
+            "come after."
+        )
+
+
+def _read_marker_options(node: pytest.Item) -> MarkerOptions:
     kwargs: dict[str, Any] = {}
     for marker in reversed(list(node.iter_markers("fastsched"))):
         if marker.args:

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import csv
 import dataclasses
 import re
@@ -103,6 +104,22 @@ def describe_run(run: RunRef | None) -> str:
     return f"job {run.job_id!r} (run of {run.scheduled.isoformat()}{replica})"
 
 
+_plugin_statements: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "fastsched_plugin_statements", default=False
+)
+
+
+@contextlib.contextmanager
+def plugin_statements() -> Iterator[None]:
+    """The statements run in this block are the plugin's (its helpers, the history), which the
+    check leaves out: only the app's statements are reported."""
+    token = _plugin_statements.set(True)
+    try:
+        yield
+    finally:
+        _plugin_statements.reset(token)
+
+
 @dataclasses.dataclass
 class _Reading:
     """The named statements of one server connection when one of its transactions began."""
@@ -126,6 +143,8 @@ class PreparedStatementMonitor:
         self._baseline: dict[int, set[str]] = {}
         self._statements: dict[str, str] = {}
         self._leaks: dict[tuple[str, Reason], PreparedStatementLeak] = {}
+        self._ours: set[str] = set()
+        """The SQL the plugin ran for the test (its helpers, the history): not the app's."""
         self.errors: list[str] = []
         """Why a reading failed (an old server, a broken connection), once each."""
 
@@ -140,10 +159,16 @@ class PreparedStatementMonitor:
             else ("begin", self._read_in_greenlet)
         )
         event.listen(self._target, name, listener)
+        event.listen(self._target, "before_cursor_execute", self._note_ours)
         try:
             yield self
         finally:
+            event.remove(self._target, "before_cursor_execute", self._note_ours)
             event.remove(self._target, name, listener)
+
+    def _note_ours(self, _connection: Any, _cursor: Any, statement: str, *_: Any) -> None:
+        if _plugin_statements.get():
+            self._ours.add(statement)
 
     def _on_savepoint(self, connection: Connection, _name: str | None) -> None:
         # The event comes before the savepoint is made: the savepoint open now, if any, is an
@@ -195,6 +220,8 @@ class PreparedStatementMonitor:
             self._baseline[key] = set(counts)
         for name, count, statement in rows:
             if self._connection is not None and SAVEPOINT_SQL.match(statement):
+                continue
+            if statement in self._ours:
                 continue
             self._statements[name] = statement
             if earlier is not None and count > earlier.counts.get(name, count):

@@ -10,6 +10,7 @@ time-machine (which patches the C-level clocks and starts in microseconds). Neit
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 from typing import Any, Protocol
 
@@ -143,3 +144,32 @@ def make_wall_clock(backend: str) -> WallClock:
     if backend == "time-machine":
         return TimeMachineWallClock()
     return FreezegunWallClock()
+
+
+_FROZEN_CLASS_SIGNS = ("PydanticSchemaGenerationError", "metaclass conflict", "FakeDate")
+
+
+def explain_frozen_import(fixture: str, error: BaseException) -> None:
+    """Fail the set-up of ``fixture`` with the cause of ``error`` when it is freezegun's doing.
+
+    While freezegun runs, ``datetime.datetime`` and ``datetime.date`` are its fake classes in
+    every module: code that builds classes from them then (pydantic building a FastAPI app's
+    models, a subclass of ``date``) fails. Returns when the error is something else.
+    """
+    __tracebackhide__ = True
+    api = sys.modules.get("freezegun.api")
+    if api is None or not getattr(api, "freeze_factories", None):
+        return
+    text = f"{type(error).__name__}: {error}"
+    if not any(sign in text for sign in _FROZEN_CLASS_SIGNS):
+        return
+    raise pytest.fail.Exception(
+        f"{fixture}: the app was imported or built while the virtual clock runs on freezegun, "
+        "which then "
+        "replaces datetime.datetime and datetime.date with fake classes in every module, so "
+        "building classes from them fails (here: "
+        f"{text.splitlines()[0][:200]}). Import the app's modules before the clock starts "
+        "(at the top of conftest.py or the test module, and only call the factory in the "
+        "fixture), or use the time-machine backend (fastsched_clock_backend = time-machine).",
+        pytrace=False,
+    ) from None

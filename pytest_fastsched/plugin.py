@@ -73,20 +73,21 @@ def pytest_configure_node(node: Any) -> None:
 
 
 def pytest_unconfigure(config: pytest.Config) -> None:
-    keys: tuple[pytest.StashKey[Any], ...] = (DATABASES_KEY, CONTROLLER_KEY)
-    for key in keys:
-        if key in config.stash:
-            config.stash[key].close()
-            del config.stash[key]
+    for owned in (config.stash.get(DATABASES_KEY, None), config.stash.get(CONTROLLER_KEY, None)):
+        if owned is not None:
+            owned.close()
 
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    # A job that swallows every exception hides a refusal or guard error: fail the test.
+    # A job that swallows every exception hides a refusal or guard error: fail the test; so
+    # does a marker the test applied after the plugin's fixtures read it.
+    __tracebackhide__ = True
     result = yield
     errors = _guard_errors(item)
     if errors:
         raise errors[0]
+    _options.check_marker_unchanged(item)
     return result
 
 
@@ -99,6 +100,17 @@ def pytest_runtest_makereport(
     errors = seal.first_seen(_guard_errors(item)) if seal is not None else []
     _reports.add_sections(report, item, call, item.config.stash[SETTINGS_KEY], errors)
     return report
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Generator[None]:
+    try:
+        return (yield)
+    except Exception as error:  # a fixture that imports the app while freezegun runs
+        from pytest_fastsched._wallclock import explain_frozen_import
+
+        explain_frozen_import(fixturedef.argname, error)
+        raise
 
 
 def _guard_errors(item: pytest.Item) -> list[BaseException]:
@@ -217,10 +229,7 @@ async def fastsched_db(
 
 @pytest.fixture
 def fastsched_app(request: pytest.FixtureRequest) -> Any:
-    """The ASGI app that ``fastsched_client`` serves: the ``fastsched_app`` setting.
-
-    Override it when the app is built by a factory (``return create_app()``).
-    """
+    """The ASGI app of ``fastsched_client``: the setting; override it to call a factory."""
     from pytest_fastsched import _client
 
     return _client.resolve_app(settings_of(request).app)
@@ -282,11 +291,8 @@ async def fastsched_history(
 
 @pytest.fixture
 def fastsched_faults(request: pytest.FixtureRequest, fastsched_db: Database) -> Iterator[Faults]:
-    """Database faults: ``fail(pattern, nth=1, times=1, error="operational")``.
-
-    The ``nth`` statement matching ``pattern`` (and ``times - 1`` after it) fails with the
-    driver's own error; a fault that never fired fails the test.
-    """
+    """Database faults: ``fail(pattern, nth=1, times=1, error="operational")`` makes
+    statements fail with the driver's own error; a fault that never fired fails the test."""
     from pytest_fastsched import _faults
 
     with _faults.for_test(fastsched_db, _if_used(request, "fastsched_clock")) as faults:

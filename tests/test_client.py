@@ -354,3 +354,65 @@ def test_the_user_suite_shares_the_test_database_and_needs_the_app(
             f"--fastsched-app module:attr. See {DOCS}",
         ]
     )
+
+
+FROZEN_IMPORT = """
+import pytest
+
+
+@pytest.fixture
+def fastsched_app(fastsched_clock):
+    from late_app import create_app  # imported while the virtual clock runs
+
+    return create_app()
+
+
+async def test_request(fastsched_client):
+    pass
+"""
+
+LATE_APP = """
+import datetime as dt
+
+from fastapi import FastAPI
+from pydantic import BaseModel
+
+
+class Stamp(BaseModel):
+    at: dt.datetime
+
+
+def create_app():
+    return FastAPI()
+"""
+
+
+@pytest.mark.parametrize(
+    ("backend", "outcome"), [("freezegun", {"errors": 1}), ("time-machine", {"passed": 1})]
+)
+def test_an_app_imported_under_freezegun_names_the_fix(
+    pytester: pytest.Pytester, backend: str, outcome: dict[str, int]
+) -> None:
+    pytester.makepyfile(late_app=LATE_APP, test_frozen=FROZEN_IMPORT)
+    pytester.makeini(
+        f"""
+        [pytest]
+        asyncio_mode = auto
+        asyncio_default_fixture_loop_scope = function
+        fastsched_clock_backend = {backend}
+        """
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(**outcome)
+    if backend == "freezegun":
+        result.stdout.fnmatch_lines(
+            [
+                "fastsched_app: the app was imported or built while the virtual clock runs on "
+                "freezegun, which then replaces datetime.datetime and datetime.date with fake "
+                "classes in every module, so building classes from them fails (here: "
+                "PydanticSchemaGenerationError: Unable to generate pydantic-core schema for "
+                "*). Import the app's modules before the clock starts (at the top of "
+                "conftest.py or the test module, and only call the factory in the fixture), or "
+                "use the time-machine backend (fastsched_clock_backend = time-machine)."
+            ]
+        )

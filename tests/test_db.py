@@ -182,6 +182,40 @@ async def test_the_marker_wins(fastsched_db):
 """
 
 
+LATE_MARKER = """
+import pytest
+
+
+@pytest.fixture
+def commit_isolation(request):
+    request.applymarker(pytest.mark.fastsched(isolation="commit"))
+
+
+@pytest.mark.asyncio
+async def test_applied_in_a_fixture_the_database_comes_after(commit_isolation, fastsched_db):
+    assert fastsched_db.isolation == "commit"
+
+
+@pytest.mark.asyncio
+async def test_applied_in_the_test_body(request, fastsched_db):
+    request.applymarker(pytest.mark.fastsched(isolation="commit"))
+"""
+
+
+def test_a_marker_applied_too_late_fails_the_test(db_suite: pytest.Pytester) -> None:
+    db_suite.makepyfile(test_late=LATE_MARKER)
+    result = db_suite.runpytest_inprocess(*NO_RANDOM_ORDER)
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "a fastsched marker was applied to test_late.py::test_applied_in_the_test_body "
+            "after the plugin's fixtures were set up, so it changed nothing: "
+            "isolation='commit' (the fixtures used None). Put the marker on the test (or its "
+            "class or module), or apply it in a fixture that the plugin's fixtures come after."
+        ]
+    )
+
+
 def test_fastsched_isolation_sets_the_suites_default(db_suite: pytest.Pytester) -> None:
     db_suite.makepyfile(test_isolation=ISOLATION_SETTING)
     result = db_suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-o", "fastsched_isolation=commit")
@@ -217,6 +251,14 @@ async def test_helpers(fastsched_db):
 
 
 @pytest.mark.asyncio
+async def test_the_apps_next_insert_gets_a_new_id(fastsched_db):
+    await fastsched_db.insert("items", [{"id": 1}, {"id": 2}])
+    async with fastsched_db.background_session() as session:
+        session.add(app.Item(status="new"))
+    assert [row["id"] for row in await fastsched_db.fetch("items", status="new")] == [3]
+
+
+@pytest.mark.asyncio
 async def test_a_missing_row_fails(fastsched_db):
     await fastsched_db.status_of("items", 99)
 
@@ -248,7 +290,7 @@ def test_the_helpers_insert_fetch_and_read_columns(
         test_helpers=f"DIALECT = {dialect!r}\nURL_START = {url_start!r}\n" + HELPERS
     )
     result = db_suite.runpytest_inprocess(*NO_RANDOM_ORDER, "--tb=short")
-    result.assert_outcomes(passed=1, failed=3)
+    result.assert_outcomes(passed=2, failed=3)
     result.stdout.fnmatch_lines(["E   AssertionError: items has no row with id=99"])
     result.stdout.fnmatch_lines(
         ["E   KeyError: \"items has no column 'stauts'; its columns: id, status, last_error\""]

@@ -84,13 +84,12 @@ SECOND_CONNECTION = (
     "@pytest.mark.fastsched(isolation='commit') for work that needs several connections."
 )
 OVERLAP = (
-    "fastsched_db: two tasks used the shared test connection at the same time: "
-    "task 'Task-*' (swallowing) still had a session transaction open when "
-    "task 'Task-*' (swallowing) used the connection. Under rollback isolation every "
-    "session shares one connection, so jobs that overlap (max_instances > 1, several "
-    "replicas, asyncio.gather) cannot run at once. Mark the test "
-    "@pytest.mark.fastsched(isolation='commit') to give each session its own connection, "
-    "or let the jobs run one after another."
+    "fastsched_db: two {what} used the shared test connection at the same time: "
+    "{owner} still had a session transaction open when {intruder} used the connection.{note} "
+    "Under rollback isolation every session shares one connection, so jobs that overlap "
+    "(max_instances > 1, several replicas, jobs due together, asyncio.gather) cannot run at "
+    "once. Mark the test @pytest.mark.fastsched(isolation='commit') to give each session its "
+    "own connection, or let the jobs run one after another."
 )
 NOT_IN_A_TRANSACTION = (
     "fastsched_db: {!r} cannot run inside a transaction, and under rollback isolation "
@@ -117,7 +116,15 @@ def test_each_guard_fails_the_test_with_its_fix(
     error = "E   pytest_fastsched.DatabaseGuardError: "
     for test, message in [
         ("test_second_connection", SECOND_CONNECTION),
-        ("test_overlapping_jobs", OVERLAP),
+        (
+            "test_overlapping_jobs",
+            OVERLAP.format(
+                what="tasks",
+                owner="task 'Task-*' (swallowing)",
+                intruder="task 'Task-*' (swallowing)",
+                note="",
+            ),
+        ),
         ("test_vacuum", NOT_IN_A_TRANSACTION.format("VACUUM")),
         (
             "test_create_index_concurrently",
@@ -130,6 +137,52 @@ def test_each_guard_fails_the_test_with_its_fix(
     canaries.assert_untouched()
     # Each error is reported once: the test's own failure is not repeated in a section.
     assert "fastsched_db guard" not in result.stdout.str()
+
+
+DUE_TOGETHER = """
+import asyncio
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from sqlalchemy import text
+
+import app
+
+scheduler = AsyncIOScheduler(timezone="UTC")
+
+
+async def step_by_step():
+    async with app.get_background_session() as session:
+        await session.execute(text("SELECT 1"))
+        await asyncio.sleep(1)
+        await session.execute(text("SELECT 2"))
+
+
+async def test_two_jobs_due_at_midnight(fastsched_clock, fastsched_scheduler, fastsched_db):
+    fastsched_scheduler.attach(scheduler)
+    for job_id in ("five_minutes", "nightly"):
+        scheduler.add_job(step_by_step, "cron", hour=0, minute=5, id=job_id)
+    await fastsched_clock.advance(minutes=5)
+"""
+
+
+def test_jobs_due_at_the_same_instant_are_named_with_their_time(
+    db_suite: pytest.Pytester,
+) -> None:
+    db_suite.makepyfile(test_due=DUE_TOGETHER)
+    result = db_suite.runpytest_inprocess("-p", "no:randomly", "-o", "asyncio_mode=auto")
+    result.assert_outcomes(failed=1)
+    due = "2030-01-01T00:05:00+00:00"
+    result.stdout.fnmatch_lines(
+        [
+            "*DatabaseGuardError: "
+            + OVERLAP.format(
+                what="jobs",
+                owner=f"job '*' (scheduled {due})",
+                intruder=f"job '*' (scheduled {due})",
+                note=f" Both were due at {due}: jobs due at the same instant run at once.",
+            )
+        ]
+    )
 
 
 UNREPORTED = """

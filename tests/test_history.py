@@ -277,6 +277,64 @@ def test_every_capture_path_on_both_isolations(history_suite: pytest.Pytester) -
     result.assert_outcomes(passed=12)
 
 
+MIGRATED_COLUMNS_CONFTEST = """
+from sqlalchemy import text
+
+
+def pytest_fastsched_create_schema(connection, dialect):
+    # Columns the database has and the models lack, as a migration adds them.
+    connection.execute(text("ALTER TABLE events ADD COLUMN failure VARCHAR(200)"))
+    connection.execute(text("ALTER TABLE documents ADD COLUMN last_error VARCHAR(200)"))
+"""
+
+MIGRATED_COLUMNS = """
+import uuid
+
+import pytest
+from sqlalchemy import text
+
+import app
+
+DOCUMENT = uuid.UUID("6f1c3b9e-0000-4000-8000-000000000001")
+
+
+async def fail(table, key, column):
+    async with app.get_background_session() as session:
+        await session.execute(
+            text(f"UPDATE {table} SET {column} = 'boom' WHERE id = :id"), {"id": key}
+        )
+        await session.execute(
+            text(f"UPDATE {table} SET " + ("state" if table == "events" else "status")
+                 + " = 'error' WHERE id = :id"),
+            {"id": key},
+        )
+
+
+async def test_a_tracked_error_column_only_the_database_has(fastsched_db, fastsched_history):
+    await fastsched_db.insert("events", {"id": 1, "state": "pending", "failure": None})
+    await fail("events", 1, "failure")
+    fastsched_history.assert_status("events", 1, "error", last_error="boom")
+
+
+async def test_a_last_error_column_only_the_database_has(fastsched_db, fastsched_history):
+    await fastsched_db.insert("documents", {"id": DOCUMENT, "status": "pending"})
+    key = DOCUMENT if fastsched_db.dialect == "postgresql" else DOCUMENT.hex
+    await fail("documents", key, "last_error")
+    fastsched_history.assert_status("documents", DOCUMENT, "error", last_error="boom")
+"""
+
+
+def test_columns_a_migration_added_are_recorded_and_asserted(
+    history_suite: pytest.Pytester,
+) -> None:
+    history_suite.makeconftest(MIGRATED_COLUMNS_CONFTEST)
+    history_suite.makepyfile(test_migrated=MIGRATED_COLUMNS)
+    result = history_suite.runpytest_inprocess(
+        *NO_RANDOM_ORDER, "-o", "asyncio_mode=auto", "-o", "fastsched_track=events:state:failure"
+    )
+    result.assert_outcomes(passed=2)
+
+
 BAD_INPUT = """
 import re
 

@@ -133,15 +133,10 @@ def test_the_drivers_defaults_fail_the_check_naming_each_statement(
     result.stdout.fnmatch_lines(
         [
             "*ERROR at teardown of test_rollback*",
-            "fastsched_db: 2 named prepared statements of the app would break behind a "
+            "fastsched_db: 1 named prepared statement of the app would break behind a "
             "transaction-mode pooler (PgBouncer, Supavisor, RDS Proxy), which gives each "
             'transaction to any server connection: there a reused statement "does not exist" '
             'and a shared name "already exists".',
-            "  __asyncpg_stmt_*__  INSERT INTO items (id, status) VALUES ($1::INTEGER, "
-            "$2::VARCHAR)",
-            "      left behind by code outside job runs (the test, a fixture or a request), "
-            "named by asyncpg's per-connection counter: every connection of the app makes "
-            "this name",
             "  __asyncpg_stmt_*__  SELECT items.id FROM items WHERE items.status = $1::VARCHAR",
             "      left behind by job 'count_pending' (run of 2030-01-01T00:05:00+00:00), named "
             "by asyncpg's per-connection counter: every connection of the app makes this name",
@@ -182,6 +177,29 @@ def test_the_documented_engine_options_pass_the_check(
     )
 
 
+PLUGIN_ONLY = """
+import pytest
+
+
+@pytest.mark.asyncio
+async def test_the_plugins_own_statements(fastsched_db, fastsched_history):
+    await fastsched_db.insert("items", [{"id": 1, "status": "pending"}])
+    assert await fastsched_db.status_of("items", 1) == "pending"
+    assert await fastsched_db.fetch("items", status="pending") != []
+    fastsched_history.assert_status("items", 1, "pending")
+"""
+
+
+@pytest.mark.parametrize("isolation", ["rollback", "commit"])
+def test_the_plugins_own_statements_are_not_the_apps(
+    pg_suite: Callable[..., pytest.Pytester], isolation: str
+) -> None:
+    suite = pg_suite(CHECK, f"fastsched_isolation = {isolation}")
+    suite.makepyfile(test_plugin_only=PLUGIN_ONLY)
+    result = suite.runpytest_inprocess(*NO_RANDOM_ORDER)
+    result.assert_outcomes(passed=1)
+
+
 OVERLAP = """
 import pytest
 
@@ -210,7 +228,7 @@ def test_a_busy_test_connection_is_the_guards_to_report(
     suite.makepyfile(test_overlap=OVERLAP)
     result = suite.runpytest_inprocess(*NO_RANDOM_ORDER, "-q")
     result.assert_outcomes(failed=1)
-    result.stdout.fnmatch_lines(["*fastsched_db: two tasks used the shared test connection*"])
+    result.stdout.fnmatch_lines(["*fastsched_db: two jobs used the shared test connection*"])
     result.stdout.no_fnmatch_line("*could not read the prepared statements*")
 
 
