@@ -10,9 +10,13 @@ Two measures, each with the seal off and on:
 Python cannot remove an audit hook, which the seal adds once a process seals a test, so each
 side runs in a process of its own, the sides alternated A B B A, ``--pairs`` times. Prints
 the median of each side, the median and range of the per-pair ratios (on / off), and the
-load average. Wall time on a shared 2-core machine moves by more than the seal costs, so
-``--callgrind`` also counts the instructions of one run of each side under valgrind's
-callgrind, which gives the same count whatever the load.
+load average.
+
+Wall time on a shared 2-core machine moves by more than the seal costs, so the seal's own
+work is also counted and timed on its own: how many times the audit hook runs per fire of the
+virtual day (Python calls it for every audited event: ``id()``, attribute reads of frames...)
+times what one call costs, and what sealing and unsealing one test costs; each as a share of
+the median time of the measure it adds to.
 """
 
 from __future__ import annotations
@@ -28,8 +32,8 @@ import subprocess
 import sys
 import tempfile
 import time
+import timeit
 from collections.abc import Iterator
-from pathlib import Path
 
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
@@ -137,58 +141,92 @@ def compare(measure: str, pairs: int) -> tuple[float, float, list[float]]:
     return statistics.median(off), statistics.median(on), ratios
 
 
-def instructions(measure: str, sealed: bool) -> int:
-    """The instructions one side executes, counted by callgrind (the whole process)."""
-    with tempfile.TemporaryDirectory() as directory:
-        out = Path(directory) / "callgrind.out"
-        command = [
-            "valgrind",
-            "--tool=callgrind",
-            f"--callgrind-out-file={out}",
-            sys.executable,
-            __file__,
-            "--side",
-            measure,
-            "--sealed" if sealed else "--open",
-        ]
-        subprocess.run(command, check=True, capture_output=True, cwd=directory)
-        for line in out.read_text().splitlines():
-            if line.startswith("summary:") or line.startswith("totals:"):
-                return int(line.split()[1])
-    raise RuntimeError("callgrind wrote no totals")
+def audit_events_per_fire() -> float:
+    """Audited events per fire of the virtual day: the calls the seal's hook gets."""
+    counted = [0]
+    counting = [False]
+
+    def hook(_event: str, _args: tuple[object, ...]) -> None:
+        if counting[0]:
+            counted[0] += 1
+
+    sys.addaudithook(hook)
+    databases = _db.Databases(settings())
+
+    async def day() -> None:
+        await databases.setup()
+        counting[0] = True
+        await virtual_day(databases, sealed=False)
+        counting[0] = False
+
+    try:
+        asyncio.run(day())
+    finally:
+        databases.close()
+    return counted[0] / 1440
+
+
+def seal_work() -> dict[str, float]:
+    """The seal's own costs, timed in this process (after the measurements)."""
+    seal = _seal.Seal(lambda: (None, []))
+    with _seal.sealed(seal):
+        hook_call = timeit.timeit(lambda: _seal._audit("builtins.id", ()), number=200_000)
+    cycle = timeit.timeit(
+        lambda: _seal.sealed(seal).__enter__() or _seal._ACTIVE.pop(), number=50_000
+    )
+    return {"hook": hook_call / 200_000, "test": cycle / 50_000}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pairs", type=int, default=8)
-    parser.add_argument("--callgrind", action="store_true")
+    parser.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("day", "isolation"))
     parser.add_argument("--sealed", action="store_true")
     parser.add_argument("--open", action="store_true")
     options = parser.parse_args()
     if options.side:
-        sys.path.insert(0, str(Path(__file__).parent))
         print(json.dumps({"seconds": side(options.side, options.sealed)}))
+        return
+    if options.events:
+        print(json.dumps({"events": audit_events_per_fire()}))
         return
     print(f"load average at start: {os.getloadavg()[0]:.2f}")
     print("| measure | seal off | seal on | on/off: median (range) |")
     print("|---|---|---|---|")
-    for measure, label, unit, scale in (
-        ("day", "virtual day, 1-minute job + SQLite, time-machine", "ms", 1e3),
-        ("isolation", "per-test rollback isolation, SQLite, one loop", "ms", 1e3),
+    medians = {}
+    for measure, label in (
+        ("day", "virtual day, 1-minute job + SQLite, time-machine"),
+        ("isolation", "per-test rollback isolation, SQLite, one loop"),
     ):
         off, on, ratios = compare(measure, options.pairs)
+        medians[measure] = off
         print(
-            f"| {label} | {off * scale:.2f} {unit} | {on * scale:.2f} {unit} | "
+            f"| {label} | {off * 1e3:.2f} ms | {on * 1e3:.2f} ms | "
             f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |"
         )
-        if options.callgrind:
-            counts = {sealed: instructions(measure, sealed) for sealed in (False, True)}
-            print(
-                f"| {label}, instructions (callgrind, whole process) | {counts[False]:,} | "
-                f"{counts[True]:,} | {counts[True] / counts[False]:.4f}x |"
-            )
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    events = float(
+        json.loads(
+            subprocess.run(
+                [sys.executable, __file__, "--events"], check=True, capture_output=True, text=True
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )["events"]
+    )
+    work = seal_work()
+    per_fire = medians["day"] / 1440
+    print(
+        f"seal's work per fire: {events:.1f} audit-hook calls x {work['hook'] * 1e9:.0f} ns = "
+        f"{events * work['hook'] * 1e6:.2f} us, {events * work['hook'] / per_fire:.3%} of the "
+        f"{per_fire * 1e6:.0f} us a fire takes"
+    )
+    print(
+        f"seal's work per test: sealing and unsealing {work['test'] * 1e6:.2f} us, "
+        f"{work['test'] / medians['isolation']:.2%} of the {medians['isolation'] * 1e3:.3f} ms "
+        "of one test's rollback isolation"
+    )
 
 
 if __name__ == "__main__":

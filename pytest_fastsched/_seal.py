@@ -15,8 +15,9 @@ whenever: ``sqlite3.connect`` through Python's audit hook (pysqlite, aiosqlite's
 thread, and code that imported ``connect`` itself), ``aiosqlite.connect`` (in the caller's
 task, so the job run is known), asyncpg's connect (pools included), and ``connect`` of
 psycopg 3 and psycopg2 where they are installed (``_options.SEALED_DRIVERS``, imported when
-the tests are collected, before any clock starts). The module patches are in place only while a
-test is sealed; the audit hook, which Python cannot remove, does nothing between tests.
+the tests are collected, before any clock starts). The patches, made when the first test is
+sealed, stay for the rest of the process and check nothing between tests, as does the audit
+hook (which Python cannot remove).
 """
 
 from __future__ import annotations
@@ -192,13 +193,16 @@ class Seal:
 
     def __init__(self, owned: Owned, allowed: Sequence[str] = ()) -> None:
         self._owned = owned
-        self._allowed = [allow_pattern(url) for url in allowed]
+        self._allow = allowed
+        self._allowed: list[str] | None = None
         self.errors: list[DatabaseGuardError] = []
         self.reported: set[int] = set()
 
     def check(self, target: Target, call: str) -> None:
         """Let the connection through, or record and raise the refusal."""
         __tracebackhide__ = True
+        if self._allowed is None:
+            self._allowed = [allow_pattern(url) for url in self._allow]
         if target.in_memory or any(fnmatch.fnmatchcase(target.key, p) for p in self._allowed):
             return
         url, servers = self._owned()
@@ -287,28 +291,30 @@ def sealed_test(item: pytest.Item, settings: Settings, owned: Owned) -> Iterator
 
 _ACTIVE: list[Seal] = []
 _LOCK = threading.Lock()
-_PATCHES: list[tuple[Any, str, Any]] = []
 _HOOKED = False
+_PATCHED: dict[str, Any] = {}
+"""The driver modules patched, by name: a module imported again is patched again."""
 
 
 def _current() -> Seal | None:
     return _ACTIVE[-1] if _ACTIVE else None
 
 
-@contextlib.contextmanager
-def sealed(seal: Seal) -> Iterator[Seal]:
+class sealed:
     """Seal the process for one test: every new connection is checked by ``seal``."""
-    with _LOCK:
-        if not _ACTIVE:
-            _install()
-        _ACTIVE.append(seal)
-    try:
-        yield seal
-    finally:
+
+    def __init__(self, seal: Seal) -> None:
+        self._seal = seal
+
+    def __enter__(self) -> Seal:
         with _LOCK:
-            _ACTIVE.remove(seal)
-            if not _ACTIVE:
-                _uninstall()
+            _install()
+            _ACTIVE.append(self._seal)
+        return self._seal
+
+    def __exit__(self, *_: object) -> None:
+        with _LOCK:
+            _ACTIVE.remove(self._seal)
 
 
 def _audit(event: str, args: tuple[Any, ...]) -> None:
@@ -321,25 +327,24 @@ def _audit(event: str, args: tuple[Any, ...]) -> None:
 
 
 def _install() -> None:
+    """Check the drivers imported so far; a patch once made stays, checking nothing between
+    tests (a module imported again, as pytester's in-process runs do, is patched again)."""
     global _HOOKED
     if not _HOOKED:
         sys.addaudithook(_audit)
         _HOOKED = True
-    for module_name, owner_path, name, make in _DRIVER_PATCHES:
-        owner: Any = sys.modules.get(module_name)
-        for part in owner_path:
-            owner = getattr(owner, part, None)
-        original = getattr(owner, name, None)
-        if original is None:
+    for module_name, patches in _DRIVER_PATCHES.items():
+        module = sys.modules.get(module_name)
+        if module is None or _PATCHED.get(module_name) is module:
             continue
-        _PATCHES.append((owner, name, vars(owner).get(name, original)))
-        setattr(owner, name, make(original))
-
-
-def _uninstall() -> None:
-    while _PATCHES:
-        owner, name, original = _PATCHES.pop()
-        setattr(owner, name, original)
+        for owner_path, name, make in patches:
+            owner: Any = module
+            for part in owner_path:
+                owner = getattr(owner, part, None)
+            current = getattr(owner, name, None)
+            if current is not None and not getattr(current, "_fastsched_seal", False):
+                setattr(owner, name, make(current))
+        _PATCHED[module_name] = module
 
 
 def _checked(call: str, target_of: Callable[..., Target]) -> Callable[[Any], Any]:
@@ -354,6 +359,7 @@ def _checked(call: str, target_of: Callable[..., Target]) -> Callable[[Any], Any
             return original(*args, **kwargs)
 
         checked.__wrapped__ = original  # type: ignore[attr-defined]
+        checked._fastsched_seal = True  # type: ignore[attr-defined]
         return checked
 
     return make
@@ -372,6 +378,7 @@ def _checked_classmethod(call: str, target_of: Callable[..., Target]) -> Callabl
                 seal.check(target_of(*args, **kwargs), call)
             return function(cls, *args, **kwargs)
 
+        checked._fastsched_seal = True  # type: ignore[attr-defined]
         return classmethod(checked)
 
     return make
@@ -403,29 +410,30 @@ def _asyncpg_internal_target(*, loop: Any = None, **kwargs: Any) -> Target:
     return _asyncpg_target(**kwargs)
 
 
-_DRIVER_PATCHES: tuple[tuple[str, tuple[str, ...], str, Callable[[Any], Any]], ...] = (
-    ("aiosqlite", (), "connect", _checked("aiosqlite.connect()", _aiosqlite_target)),
-    ("aiosqlite.core", (), "connect", _checked("aiosqlite.connect()", _aiosqlite_target)),
-    ("asyncpg", (), "connect", _checked("asyncpg.connect()", _asyncpg_target)),
-    ("asyncpg.connection", (), "connect", _checked("asyncpg.connect()", _asyncpg_target)),
-    (
-        "asyncpg.connect_utils",
-        (),
-        "_connect",
-        _checked("an asyncpg connection (of a pool)", _asyncpg_internal_target),
+_DRIVER_PATCHES: dict[str, tuple[tuple[tuple[str, ...], str, Callable[[Any], Any]], ...]] = {
+    "aiosqlite": (((), "connect", _checked("aiosqlite.connect()", _aiosqlite_target)),),
+    "aiosqlite.core": (((), "connect", _checked("aiosqlite.connect()", _aiosqlite_target)),),
+    "asyncpg": (((), "connect", _checked("asyncpg.connect()", _asyncpg_target)),),
+    "asyncpg.connection": (((), "connect", _checked("asyncpg.connect()", _asyncpg_target)),),
+    "asyncpg.connect_utils": (
+        (
+            (),
+            "_connect",
+            _checked("an asyncpg connection (of a pool)", _asyncpg_internal_target),
+        ),
     ),
-    ("psycopg", (), "connect", _checked("psycopg.connect()", _psycopg_target)),
-    (
-        "psycopg",
-        ("Connection",),
-        "connect",
-        _checked_classmethod("psycopg.Connection.connect()", _psycopg_target),
+    "psycopg": (
+        ((), "connect", _checked("psycopg.connect()", _psycopg_target)),
+        (
+            ("Connection",),
+            "connect",
+            _checked_classmethod("psycopg.Connection.connect()", _psycopg_target),
+        ),
+        (
+            ("AsyncConnection",),
+            "connect",
+            _checked_classmethod("psycopg.AsyncConnection.connect()", _psycopg_target),
+        ),
     ),
-    (
-        "psycopg",
-        ("AsyncConnection",),
-        "connect",
-        _checked_classmethod("psycopg.AsyncConnection.connect()", _psycopg_target),
-    ),
-    ("psycopg2", (), "connect", _checked("psycopg2.connect()", _psycopg2_target)),
-)
+    "psycopg2": (((), "connect", _checked("psycopg2.connect()", _psycopg2_target)),),
+}
