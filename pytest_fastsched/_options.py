@@ -119,8 +119,8 @@ OPTIONS: tuple[Option, ...] = (
     ),
     Option(
         "clock_backend",
-        "wall-clock backend: 'freezegun' (default) or 'time-machine'",
-        default="freezegun",
+        "wall-clock backend: 'time-machine' (default) or 'freezegun'",
+        default="time-machine",
     ),
     Option(
         "start",

@@ -2,8 +2,8 @@
 
 A backend freezes the wall clock at an instant, moves it when the virtual clock moves, and
 restores it; every module and every thread must see the same instant. Two are supported:
-freezegun (the default, so that suites that already use ``freeze_time`` keep working) and
-time-machine (which patches the C-level clocks and starts in microseconds). Neither patches
+time-machine (the default: it patches the C-level clocks and starts in microseconds) and
+freezegun (an extra, for suites whose own tests use ``freeze_time``). Neither patches
 ``time.monotonic``: that hangs asyncio and every ``threading`` timeout.
 """
 
@@ -44,8 +44,13 @@ class FreezegunWallClock:
     name = "freezegun"
 
     def start(self, instant: dt.datetime) -> None:
-        from freezegun import freeze_time
-
+        try:
+            from freezegun import freeze_time
+        except ImportError:
+            raise pytest.UsageError(
+                "fastsched_clock_backend = 'freezegun' needs the freezegun package: "
+                "pip install 'pytest-fastsched[freezegun]'"
+            ) from None
         self._freezer = freeze_time(_naive_utc(instant), tick=False)
         self._freezer.ignore = ()
         self._factory = self._freezer.start()
@@ -120,13 +125,8 @@ class TimeMachineWallClock:
     name = "time-machine"
 
     def start(self, instant: dt.datetime) -> None:
-        try:
-            import time_machine
-        except ImportError:
-            raise pytest.UsageError(
-                "fastsched_clock_backend = 'time-machine' needs the time-machine package: "
-                "pip install 'pytest-fastsched[time-machine]'"
-            ) from None
+        import time_machine
+
         self._instant = instant
         self._travel = time_machine.travel(_naive_utc(instant), tick=False)
         self._traveller = self._travel.start()

@@ -74,6 +74,29 @@ def test_a_user_suite_fires_the_apps_jobs(pytester: pytest.Pytester, backend: st
     )
 
 
+def test_time_machine_is_the_default_backend(pytester: pytest.Pytester) -> None:
+    _ini(pytester)
+    pytester.makepyfile(test_user=FIRES)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(passed=1)
+    result.stdout.fnmatch_lines(["fastsched: database=sqlite, clock_backend=time-machine, *"])
+
+
+def test_the_freezegun_backend_without_freezegun_names_the_extra(
+    pytester: pytest.Pytester,
+) -> None:
+    _ini(pytester, "fastsched_clock_backend = freezegun")
+    # A None entry in sys.modules makes ``import freezegun`` fail as if it were not installed.
+    pytester.makeconftest("import sys\nsys.modules['freezegun'] = None\n")
+    pytester.makepyfile(test_user=FIRES)
+    result = pytester.runpytest_subprocess()
+    result.assert_outcomes(errors=1)
+    assert (
+        "UsageError: fastsched_clock_backend = 'freezegun' needs the freezegun package: "
+        "pip install 'pytest-fastsched[freezegun]'"
+    ) in result.stdout.str()
+
+
 def test_strict_mode_with_the_asyncio_marker(pytester: pytest.Pytester) -> None:
     _ini(pytester, mode="strict")
     pytester.makepyfile(test_user="import pytest\npytestmark = pytest.mark.asyncio\n" + FIRES)
