@@ -568,10 +568,7 @@ class SchedulerHarness:
         lines = []
         for run in self.runs:
             if run.outcome == "running" and run.replica == self.replica:
-                replica = f" on replica {run.replica}" if run.replica else ""
-                lines.append(
-                    f"job {run.job_id!r}{replica} (scheduled {run.scheduled.isoformat()})"
-                )
+                lines.append(RunRef(run.job_id, run.scheduled, run.replica).describe())
         for task in self._job_tasks():
             lines.append(f"  task {task.get_name()} awaits {_awaited(task)}")
         return lines
