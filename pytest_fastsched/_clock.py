@@ -34,6 +34,9 @@ from pytest_fastsched._wallclock import make_wall_clock
 _T = TypeVar("_T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
+_MAX_US = (dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // dt.timedelta(
+    microseconds=1
+)
 # Idle loop cycles that confirm quiescence after the ready queue first looks empty: covers
 # callbacks that schedule callbacks (call_soon chains, future done-callbacks).
 _IDLE_CYCLES = 3
@@ -388,7 +391,7 @@ class VirtualClock:
         """
         __tracebackhide__ = True
         step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
-        await self._drive(self.now_us + step, visit_deadlines=True)
+        await self._drive(self._within_range(self.now_us + step, "advance"), visit_deadlines=True)
 
     async def advance_to(self, instant: dt.datetime) -> None:
         """Move time forward to the aware datetime ``instant``, firing everything due."""
@@ -410,13 +413,23 @@ class VirtualClock:
         APScheduler's own misfire and coalescing rules when the scheduler wakes up late.
         """
         __tracebackhide__ = True
-        step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
-        await self._drive(self.now_us + step, visit_deadlines=False)
+        step = _duration(
+            delta, seconds=seconds, minutes=minutes, hours=hours, days=days, method="jump"
+        )
+        await self._drive(self._within_range(self.now_us + step, "jump"), visit_deadlines=False)
 
     async def run_until_idle(self) -> None:
         """Run everything runnable at the current instant, without moving time."""
         __tracebackhide__ = True
         await self._drive(self.now_us, visit_deadlines=True)
+
+    def _within_range(self, target_us: int, method: str) -> int:
+        if target_us > _MAX_US:
+            raise ClockError(
+                f"{method}() would move time past {from_us(_MAX_US).isoformat()}, the last "
+                f"instant a datetime can hold (now {self.now().isoformat()})"
+            )
+        return target_us
 
     def _target_of(self, instant: dt.datetime, method: str) -> int:
         if not isinstance(instant, dt.datetime):
@@ -636,19 +649,34 @@ def _duration(
     minutes: float,
     hours: float,
     days: float,
+    method: str = "advance",
 ) -> int:
+    """The positive step, in microseconds, that ``method()`` was asked to move time by."""
     if delta is not None and (seconds or minutes or hours or days):
-        raise ClockError("give advance() either a timedelta or keyword amounts, not both")
-    if delta is None:
-        delta = dt.timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
-    elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
-        delta = dt.timedelta(seconds=delta)
+        raise ClockError(f"give {method}() either a timedelta or keyword amounts, not both")
+    amounts = {"seconds": seconds, "minutes": minutes, "hours": hours, "days": days}
+    number = isinstance(delta, (int, float)) and not isinstance(delta, bool)
+    shown = (
+        repr(delta)
+        if number
+        else ", ".join(f"{name}={amount!r}" for name, amount in amounts.items() if amount)
+    )
+    for amount in [delta] if number else amounts.values():
+        if isinstance(amount, float) and not math.isfinite(amount):
+            raise ClockError(f"{method}({shown}) needs a finite duration")
+    try:
+        if delta is None:
+            delta = dt.timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
+        elif number:
+            delta = dt.timedelta(seconds=delta)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ClockError(f"{method}({shown}) is too long for a datetime") from None
     if not isinstance(delta, dt.timedelta):
-        raise ClockError(f"advance() takes a timedelta or a number of seconds, not {delta!r}")
-    step = to_us(_EPOCH + delta)
+        raise ClockError(f"{method}() takes a timedelta or a number of seconds, not {delta!r}")
+    step = delta // dt.timedelta(microseconds=1)
     if step <= 0:
         raise ClockError(
-            f"advance() needs a positive duration, got {delta!r}: to run what is due now "
+            f"{method}() needs a positive duration, got {delta!r}: to run what is due now "
             f"without moving time, await run_until_idle()"
         )
     return step

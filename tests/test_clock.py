@@ -484,8 +484,41 @@ async def test_date_job_computed_from_the_real_clock_is_reported(
             lambda clock: clock.advance("5m"),
             "advance() takes a timedelta or a number of seconds, not '5m'",
         ),
+        (lambda clock: clock.advance(float("nan")), "advance(nan) needs a finite duration"),
+        (lambda clock: clock.advance(float("inf")), "advance(inf) needs a finite duration"),
+        (
+            lambda clock: clock.advance(minutes=float("inf")),
+            "advance(minutes=inf) needs a finite duration",
+        ),
+        (
+            lambda clock: clock.advance(days=10**9),
+            "advance(days=1000000000) is too long for a datetime",
+        ),
+        (
+            lambda clock: clock.advance(days=999_999_999),
+            "advance() would move time past 9999-12-31T23:59:59.999999+00:00, the last instant "
+            "a datetime can hold (now 2030-01-01T00:00:00+00:00)",
+        ),
+        (
+            lambda clock: clock.jump(-5),
+            "jump() needs a positive duration, got datetime.timedelta(days=-1, seconds=86395): "
+            "to run what is due now without moving time, await run_until_idle()",
+        ),
     ],
-    ids=["zero", "negative", "naive", "backwards", "both", "string"],
+    ids=[
+        "zero",
+        "negative",
+        "naive",
+        "backwards",
+        "both",
+        "string",
+        "nan",
+        "inf",
+        "inf-kw",
+        "overflow",
+        "past-max",
+        "jump-negative",
+    ],
 )
 async def test_bad_clock_calls_name_the_fix(
     fastsched_clock: VirtualClock, call, message: str
