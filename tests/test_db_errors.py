@@ -57,6 +57,12 @@ BAD_INPUT = {
         "fastsched_metadata = 'app:Base' is the class app.Base, not a sqlalchemy.MetaData: "
         "point it at the app's MetaData, e.g. 'app.models:Base.metadata'.",
     ),
+    "empty MetaData": (
+        "--fastsched-metadata=app:empty_metadata",
+        "fastsched_metadata = 'app:empty_metadata' has no tables: no model class was defined "
+        "on it when the tests ran, so the modules that define the models were never imported "
+        "*. Import the model modules where the metadata lives *",
+    ),
     "create_all fails": (
         "--fastsched-metadata=app:broken_metadata",
         "fastsched_metadata = 'app:broken_metadata': create_all() failed on *: *Error: "
