@@ -28,7 +28,7 @@ import pytest
 
 from pytest_fastsched import _asserts
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
-from pytest_fastsched._options import Settings, marker_options, resolve
+from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
@@ -177,17 +177,10 @@ class SchedulerHarness:
         in a function instead of at import (then leave ``fastsched_scheduler`` unset).
         """
         from apscheduler.events import EVENT_ALL
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         if self.scheduler is not None:
             raise ClockError("fastsched_scheduler is already attached to a scheduler")
-        if not isinstance(scheduler, AsyncIOScheduler):
-            raise pytest.UsageError(
-                f"fastsched_scheduler needs an apscheduler AsyncIOScheduler, got "
-                f"{type(scheduler).__module__}.{type(scheduler).__qualname__}: jobs of a "
-                f"BackgroundScheduler or BlockingScheduler run on their own threads and real "
-                f"time. Create the app's scheduler as AsyncIOScheduler()."
-            )
+        check_scheduler(scheduler, "fastsched_scheduler")
         self.scheduler = scheduler
         self._stores = _JobStores(scheduler)
         for job in self._all_jobs():

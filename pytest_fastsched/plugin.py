@@ -61,8 +61,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist controller: start the run's PostgreSQL server once and tell each worker of it."""
+    """xdist controller: check the scheduler, start the PostgreSQL server once, tell workers."""
     stash = node.config.stash
+    _options.check_scheduler_setting(stash[SETTINGS_KEY])  # a worker could not report it
     if stash[SETTINGS_KEY].database == "sqlite":
         return
     from pytest_fastsched._testdb import Controller
