@@ -10,6 +10,11 @@ Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance
 ``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`. Each of them repeats: let
 everything runnable at this instant run, wait (in real time) for work the clock can see in
 flight, then step to the next loop timer (APScheduler's wake-ups are loop timers) and go on.
+
+A real-time watchdog (:mod:`._watchdog`) bounds each of them. While the clock is attached,
+the loop's default executor is a :class:`~._threads.JobThreads`, whose threads the watchdog
+can stop; at the end of the test, :meth:`VirtualClock.end_of_test` ends what the test's jobs
+left running (:mod:`._leftovers`).
 """
 
 from __future__ import annotations
@@ -21,27 +26,27 @@ import datetime as dt
 import functools
 import inspect
 import math
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
+from pytest_fastsched import _leftovers, _threads, _watchdog
+from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import make_wall_clock
+from pytest_fastsched._watchdog import Watchdog
 
 _T = TypeVar("_T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
+_MISSING = object()
 _MAX_US = (dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // dt.timedelta(
     microseconds=1
 )
 # Idle loop cycles that confirm quiescence after the ready queue first looks empty: covers
 # callbacks that schedule callbacks (call_soon chains, future done-callbacks).
 _IDLE_CYCLES = 3
-# How often (real seconds) a waiting clock call re-checks its watchdog.
-_TICK = 0.05
 # The async functions that wait for database drivers: (module, attribute path).
 _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "greenlet_spawn"),
@@ -89,7 +94,13 @@ class _Inflight:
 
 
 class _LoopPatch:
-    """The instance-level patches that put one event loop on virtual time."""
+    """The instance-level patches that put one event loop on virtual time.
+
+    Besides the loop's clock: ``run_in_executor`` counts the work in flight, runs it in a
+    copy of the caller's context and runs the default executor's work on the clock's
+    :class:`~._threads.JobThreads`; ``create_task`` tells the clock of each task (to know
+    which job started it).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: VirtualClock) -> None:
         if not isinstance(loop, asyncio.BaseEventLoop):
@@ -105,24 +116,37 @@ class _LoopPatch:
         self.origin_us = clock.now_us
         self.loop_time = self.origin_loop_time
         self._clock = clock
-        self._had_time = "time" in vars(loop)
-        self._had_run_in_executor = "run_in_executor" in vars(loop)
+        self._saved = {
+            name: vars(loop).get(name, _MISSING)
+            for name in ("time", "run_in_executor", "create_task")
+        }
         original_run_in_executor = loop.run_in_executor
+        original_create_task = loop.create_task
         inflight = clock.inflight
 
         def run_in_executor(executor: Any, func: Callable[..., _T], *args: Any) -> Any:
             # Executor threads run in a copy of the caller's context, as asyncio.to_thread
             # does, so job-run context vars reach sync jobs too.
             context = contextvars.copy_context()
-            future = original_run_in_executor(
-                executor, functools.partial(context.run, func), *args
-            )
+            call: Callable[..., Any] = functools.partial(context.run, func)
+            if executor is None:
+                # Instead of the loop's default executor, whose threads asyncio joins when the
+                # loop closes: a job thread that never ended would hang the session there.
+                executor = clock.default_executor()
+                call = _threads.Labelled(call, _threads.describe_call(func, args))
+            future = original_run_in_executor(executor, call, *args)
             inflight.enter()
             future.add_done_callback(lambda _: inflight.exit())
             return future
 
+        def create_task(coro: Any, **kwargs: Any) -> Any:
+            task = original_create_task(coro, **kwargs)
+            clock.job_tasks.created(task, kwargs.get("context"))
+            return task
+
         loop.time = lambda: self.loop_time  # type: ignore[method-assign]
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
+        loop.create_task = create_task  # type: ignore[method-assign]
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.origin_loop_time + (now_us - self.origin_us) / _US
@@ -140,12 +164,11 @@ class _LoopPatch:
         return nearest if abs(exact - nearest) < 0.5 else math.ceil(exact)
 
     def restore(self) -> None:
-        for name, had in (
-            ("time", self._had_time),
-            ("run_in_executor", self._had_run_in_executor),
-        ):
-            if not had:
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
                 vars(self.loop).pop(name, None)
+            else:
+                setattr(self.loop, name, saved)
 
 
 class _IoCounter:
@@ -198,44 +221,6 @@ class _IoCounter:
         self._patched.clear()
 
 
-class _Watchdog:
-    """Real-time limit of one clock call: pokes the loop every tick so waits re-check it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-        self._loop = loop
-        self._stop = threading.Event()
-        self._waiter: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._run, name="fastsched-watchdog", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(_TICK):
-            try:
-                self._loop.call_soon_threadsafe(self._poke)
-            except RuntimeError:
-                return
-
-    def _poke(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def expired(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def progress(self) -> None:
-        self.deadline = time.monotonic() + self.seconds
-
-    def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
-        self._waiter = waiter
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class VirtualClock:
     """The virtual clock of one test (the ``fastsched_clock`` fixture).
 
@@ -264,6 +249,13 @@ class VirtualClock:
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self._describers: list[Callable[[], list[str]]] = []
         self._on_drive: list[Callable[[], None]] = []
+        self.job_tasks = _leftovers.JobTasks()
+        """The tasks of the test's jobs, ended at the end of the test."""
+        self._executors: list[_threads.JobThreads] = []
+        self._default_executor: _threads.JobThreads | None = None
+        self._test_task: asyncio.Task[Any] | None = None
+        self.leftovers: list[LeftoverWorkError] = []
+        """The failure of :meth:`end_of_test`, when the jobs left work running."""
 
     @property
     def backend(self) -> str:
@@ -311,7 +303,11 @@ class VirtualClock:
         @functools.wraps(original)
         async def attached_test(*args: Any, **kwargs: Any) -> Any:
             clock.attach()
-            return await original(*args, **kwargs)
+            clock._test_task = asyncio.current_task()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                clock._test_task = None
 
         item.obj = attached_test  # type: ignore[attr-defined]
 
@@ -322,6 +318,11 @@ class VirtualClock:
 
     def close(self) -> None:
         """Restore the loop's clock and the wall clock (the fixture calls this)."""
+        _threads.stop_threads(self._executors, grace=0)
+        for executor in self._executors:
+            executor.shutdown(wait=False)
+        self._executors.clear()
+        self._default_executor = None
         if self._io_counter is not None:
             self._io_counter.restore()
             self._io_counter = None
@@ -356,6 +357,18 @@ class VirtualClock:
     def driving(self) -> bool:
         """Whether a clock call is moving time right now."""
         return self._driving
+
+    def default_executor(self) -> _threads.JobThreads:
+        """The executor of ``run_in_executor(None, ...)`` while the clock is attached."""
+        if self._default_executor is None:
+            self._default_executor = self.thread_executor("fastsched-thread")
+        return self._default_executor
+
+    def thread_executor(self, name: str, max_workers: int | None = None) -> _threads.JobThreads:
+        """A :class:`~._threads.JobThreads` the watchdog watches, shut down with the clock."""
+        executor = _threads.JobThreads(name, max_workers)
+        self._executors.append(executor)
+        return executor
 
     def add_describer(self, describer: Callable[[], list[str]]) -> None:
         """Lines that describe pending work, shown when the watchdog fires."""
@@ -482,7 +495,7 @@ class VirtualClock:
             lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog)
         )
 
-    async def _moving_time(self, drive: Callable[[_Watchdog], Awaitable[None]]) -> None:
+    async def _moving_time(self, drive: Callable[[Watchdog], Awaitable[None]]) -> None:
         __tracebackhide__ = True
         if not self._started:
             raise ClockError("the clock is closed: use fastsched_clock only inside its test")
@@ -494,7 +507,7 @@ class VirtualClock:
         assert self._io_counter is not None
         self._io_counter.install()
         loop = asyncio.get_running_loop()
-        watchdog = _Watchdog(loop, self.watchdog_seconds)
+        watchdog = Watchdog(loop, self.watchdog_seconds, self._describe_task)
         self._driving = True
         try:
             for callback in self._on_drive:
@@ -507,7 +520,7 @@ class VirtualClock:
                 if not ended.done():
                     ended.set_result(None)
 
-    async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: _Watchdog) -> None:
+    async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         if not visit_deadlines:
             self._set_now(target_us)
@@ -525,7 +538,7 @@ class VirtualClock:
             await self._settle(watchdog)
             self._run_checks()
 
-    async def _drive_until(self, future: asyncio.Future[Any], watchdog: _Watchdog) -> None:
+    async def _drive_until(self, future: asyncio.Future[Any], watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         assert self._loop_patch is not None
         while True:
@@ -557,9 +570,10 @@ class VirtualClock:
         return self._loop_patch.us_of_loop_time(when), when
 
     def _busy(self) -> int:
-        return self.inflight.count + sum(source() for source in self._busy_sources)
+        threads = sum(executor.pending for executor in self._executors)
+        return self.inflight.count + threads + sum(source() for source in self._busy_sources)
 
-    async def _settle(self, watchdog: _Watchdog) -> None:
+    async def _settle(self, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         assert self._loop_patch is not None
         loop = self._loop_patch.loop
@@ -581,7 +595,7 @@ class VirtualClock:
         return bool(scheduled) and scheduled[0].when() < loop.time()
 
     async def _wait_for_busy_work(
-        self, loop: asyncio.AbstractEventLoop, watchdog: _Watchdog
+        self, loop: asyncio.AbstractEventLoop, watchdog: Watchdog
     ) -> None:
         waiter: asyncio.Future[None] = loop.create_future()
         self.inflight.waiter = waiter
@@ -596,18 +610,45 @@ class VirtualClock:
         for check in self._checks:
             check()
 
-    def _raise_watchdog(self, watchdog: _Watchdog) -> None:
+    def _raise_watchdog(self, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         lines = [line for describe in self._describers for line in describe()]
         pending = "\n".join(f"  {line}" for line in lines) or "  (no job run is pending)"
+        watchdog.stop()  # stopping threads blocks the loop: not a loop to interrupt
+        blocked = watchdog.blocked.details() if watchdog.blocked is not None else []
+        details = blocked + _watchdog.stop_threads(self._executors)
         raise WatchdogTimeout(
             f"fastsched watchdog: work did not finish within {watchdog.seconds:g} real "
             f"seconds at virtual {self.now().isoformat()}.\n"
             f"Still running:\n{pending}\n"
-            f"A job that blocks its thread or loops without awaiting never lets time move. "
-            f"Raise the limit with fastsched_watchdog / --fastsched-watchdog if the work is "
-            f"only slow."
+            + "".join(f"{line}\n" for line in details)
+            + "A job that blocks its thread or loops without awaiting never lets time move. "
+            "Raise the limit with fastsched_watchdog / --fastsched-watchdog if the work is "
+            "only slow."
         )
+
+    def _describe_task(self, task: asyncio.Task[Any] | None) -> str:
+        return self.job_tasks.describe(task, self._test_task)
+
+    # -- the end of the test ---------------------------------------------------------------------
+
+    def end_of_test(self) -> LeftoverWorkError | None:
+        """End what the test's jobs left running; the error that fails the test for it.
+
+        The error is kept in ``leftovers`` too, for the test's report.
+        Called after the test function returned (or raised), while its loop is not running.
+        Job runs still in progress are cancelled quietly (as the app's shutdown would); a task
+        that ignores cancellation, and a task a job started and left behind, are ended by
+        force and named (see :mod:`._leftovers`). Job threads still running are stopped.
+        """
+        problems: list[str] = []
+        patch = self._loop_patch
+        if patch is not None and not patch.loop.is_closed() and not patch.loop.is_running():
+            problems += self.job_tasks.end(patch.loop)
+        _threads.stop_threads(self._executors, grace=_watchdog.STOP_GRACE)
+        error = _leftovers.failure(problems)
+        self.leftovers = [error] if error is not None else []
+        return error
 
     # -- introspection -------------------------------------------------------------------------
 

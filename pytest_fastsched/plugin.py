@@ -7,7 +7,7 @@ imported here: APScheduler, SQLAlchemy and FastAPI only inside the fixtures that
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import pytest_asyncio
@@ -83,9 +83,14 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    # A job that swallows every exception hides a refusal or guard error: fail the test.
-    result = yield
-    errors = _guard_errors(item)
+    # Before teardown (it may close the test's loop): end the work the jobs left running.
+    clock: VirtualClock | None = getattr(item, "funcargs", {}).get("fastsched_clock")
+    try:
+        result = yield
+    finally:
+        if clock is not None:
+            clock.end_of_test()
+    errors = _errors_beside_the_test(item)  # a job may have swallowed a guard error
     if errors:
         raise errors[0]
     return result
@@ -97,14 +102,16 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     seal = item.stash.get(SEAL_KEY, None)
-    errors = seal.first_seen(_guard_errors(item)) if seal is not None else []
+    errors = seal.first_seen(_errors_beside_the_test(item)) if seal is not None else []
     _reports.add_sections(report, item, call, item.config.stash[SETTINGS_KEY], errors)
     return report
 
 
-def _guard_errors(item: pytest.Item) -> list[BaseException]:
+def _errors_beside_the_test(item: pytest.Item) -> list[BaseException]:
     seal, database = item.stash.get(SEAL_KEY, None), item.stash.get(DATABASE_OF_TEST_KEY, None)
-    return [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
+    clock = (getattr(item, "funcargs", None) or {}).get("fastsched_clock")
+    errors = [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
+    return errors + (clock.leftovers if clock else [])
 
 
 def pytest_terminal_summary(
@@ -177,7 +184,6 @@ def fastsched_scheduler(
 
     if settings_of(request).sessionmaker or settings_of(request).engine:
         request.getfixturevalue("fastsched_db")  # the app's jobs run on the test database
-
     engine = lambda: getattr(request.node.stash.get(DATABASE_OF_TEST_KEY, None), "engine", None)  # noqa: E731
     with _scheduler.for_test(
         request.node, settings_of(request), fastsched_clock, ReplicaSet, engine
@@ -259,8 +265,7 @@ async def fastsched_client(
 @pytest.fixture
 def _fastsched_history_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
     """The test's ``fastsched_clock`` when it uses one: the history then reads virtual time."""
-    clock: VirtualClock | None = _if_used(request, "fastsched_clock")
-    return clock
+    return cast("VirtualClock | None", _if_used(request, "fastsched_clock"))
 
 
 @pytest_asyncio.fixture
