@@ -7,9 +7,11 @@ hangs asyncio and every ``threading`` timeout.
 
 Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
 :meth:`VirtualClock.jump`, :meth:`VirtualClock.run_until_idle` and, while a request of the
-``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`. Each of them repeats: let
-everything runnable at this instant run, wait (in real time) for work the clock can see in
-flight, then step to the next loop timer (APScheduler's wake-ups are loop timers) and go on.
+``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`, and while the test itself
+sleeps on a loop timer (``await asyncio.sleep(s)`` in the test is ``advance_to()`` that
+timer). Each of them repeats: let everything runnable at this instant run, wait (in real
+time) for work the clock can see in flight, then step to the next loop timer (APScheduler's
+wake-ups are loop timers) and go on.
 
 A real-time watchdog (:mod:`._watchdog`) bounds each of them. While the clock is attached,
 the loop's default executor is a :class:`~._threads.JobThreads`, whose threads the watchdog
@@ -99,7 +101,7 @@ class _LoopPatch:
     Besides the loop's clock: ``run_in_executor`` counts the work in flight, runs it in a
     copy of the caller's context and runs the default executor's work on the clock's
     :class:`~._threads.JobThreads`; ``create_task`` tells the clock of each task (to know
-    which job started it).
+    which job started it); the selector's ``select`` lets the test's own sleeps move time.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: VirtualClock) -> None:
@@ -147,6 +149,20 @@ class _LoopPatch:
         loop.time = lambda: self.loop_time  # type: ignore[method-assign]
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
         loop.create_task = create_task  # type: ignore[method-assign]
+        self._selector = getattr(loop, "_selector", None)
+        if self._selector is not None and "select" not in vars(self._selector):
+            original_select = self._selector.select
+
+            def select(timeout: float | None = None) -> Any:
+                # The loop is about to wait: if the test itself sleeps on a loop timer, move
+                # virtual time to it instead of waiting in real time (forever).
+                if (timeout is None or timeout > 0) and clock.test_sleeps():
+                    timeout = 0
+                return original_select(timeout)
+
+            self._selector.select = select
+        else:
+            self._selector = None
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.origin_loop_time + (now_us - self.origin_us) / _US
@@ -169,6 +185,8 @@ class _LoopPatch:
                 vars(self.loop).pop(name, None)
             else:
                 setattr(self.loop, name, saved)
+        if self._selector is not None:
+            vars(self._selector).pop("select", None)
 
 
 class _IoCounter:
@@ -227,7 +245,8 @@ class VirtualClock:
     ``now()`` is the virtual instant (aware, UTC). The wall clock reads it everywhere from
     the start of the test; the test's event loop reads it from the moment the test coroutine
     starts. Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
-    ``run_until_idle()``, which also run every job, timer and callback that falls due.
+    ``run_until_idle()``, which also run every job, timer and callback that falls due, and
+    while the test itself awaits a loop timer (``await asyncio.sleep(s)``).
     """
 
     def __init__(self, *, start: dt.datetime, backend: str = "freezegun", watchdog: float = 30.0):
@@ -254,6 +273,8 @@ class VirtualClock:
         self._executors: list[_threads.JobThreads] = []
         self._default_executor: _threads.JobThreads | None = None
         self._test_task: asyncio.Task[Any] | None = None
+        self._autodrive: asyncio.Task[None] | None = None
+        self._deferred_error: BaseException | None = None
         self.leftovers: list[LeftoverWorkError] = []
         """The failure of :meth:`end_of_test`, when the jobs left work running."""
 
@@ -489,16 +510,26 @@ class VirtualClock:
         finally:
             self._drive_ended.remove(ended)
 
-    async def _drive(self, target_us: int, *, visit_deadlines: bool) -> None:
+    async def _drive(
+        self,
+        target_us: int,
+        *,
+        visit_deadlines: bool,
+        until: asyncio.Future[Any] | None = None,
+    ) -> None:
         __tracebackhide__ = True
         await self._moving_time(
-            lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog)
+            lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog, until)
         )
 
     async def _moving_time(self, drive: Callable[[Watchdog], Awaitable[None]]) -> None:
         __tracebackhide__ = True
         if not self._started:
             raise ClockError("the clock is closed: use fastsched_clock only inside its test")
+        autodrive = self._autodrive
+        if autodrive is not None and autodrive is not asyncio.current_task():
+            # The test woke before the timer it slept on: that drive stops at this instant.
+            await asyncio.wait([autodrive])
         if self._driving:
             raise ClockError(
                 "a fastsched_clock call is already moving time: await one advance() at a time"
@@ -506,6 +537,7 @@ class VirtualClock:
         self.attach()
         assert self._io_counter is not None
         self._io_counter.install()
+        self._raise_deferred()
         loop = asyncio.get_running_loop()
         watchdog = Watchdog(loop, self.watchdog_seconds, self._describe_task)
         self._driving = True
@@ -520,13 +552,21 @@ class VirtualClock:
                 if not ended.done():
                     ended.set_result(None)
 
-    async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: Watchdog) -> None:
+    async def _drive_to(
+        self,
+        target_us: int,
+        visit_deadlines: bool,
+        watchdog: Watchdog,
+        until: asyncio.Future[Any] | None = None,
+    ) -> None:
         __tracebackhide__ = True
         if not visit_deadlines:
             self._set_now(target_us)
         while True:
             await self._settle(watchdog)
             self._run_checks()
+            if until is not None and until.done():
+                return  # the sleeping test was woken by something else: stop here
             deadline = self._next_deadline()
             if deadline is None or deadline[0] > target_us:
                 break
@@ -630,6 +670,78 @@ class VirtualClock:
     def _describe_task(self, task: asyncio.Task[Any] | None) -> str:
         return self.job_tasks.describe(task, self._test_task)
 
+    # -- the test's own sleeps: virtual time ----------------------------------------------------
+
+    def test_sleeps(self) -> bool:
+        """Called by the loop before it waits: start moving time if the test sleeps.
+
+        ``await asyncio.sleep(s)`` (or ``asyncio.wait_for``/``asyncio.timeout``) in the test
+        itself waits on a loop timer, in virtual time: when nothing else can run and no real
+        work is in flight, the clock advances to that timer as ``advance_to()`` would, firing
+        everything due on the way. Errors of that drive are raised at the test's await.
+        """
+        task = self._test_task
+        patch = self._loop_patch
+        if self._driving or self._autodrive is not None or patch is None or task is None:
+            return False
+        waiter = getattr(task, "_fut_waiter", None)
+        if task.done() or waiter is None or waiter.done() or self._busy():
+            return False
+        for handle in patch.loop._scheduled:  # type: ignore[attr-defined]
+            if handle.cancelled():
+                continue
+            owner = getattr(getattr(handle, "_callback", None), "__self__", None)
+            if waiter in (getattr(handle, "_args", None) or ()) or (
+                getattr(owner, "_task", None) is task
+            ):
+                patch.loop.call_soon(self._start_autodrive, handle, waiter)
+                return True
+        return False
+
+    def _start_autodrive(self, handle: asyncio.TimerHandle, waiter: asyncio.Future[Any]) -> None:
+        if self._driving or self._autodrive is not None or self._loop_patch is None:
+            return
+        if handle.cancelled() or waiter.done():
+            return
+        target = max(self._loop_patch.us_of_loop_time(handle.when()), self.now_us)
+        # The test wakes only when the drive is over, as after advance_to(): hold its timer's
+        # callback (a plain TimerHandle attribute) and run it then.
+        held: list[tuple[Any, tuple[Any, ...]]] = []
+        timer: Any = handle
+        callback, args = timer._callback, tuple(timer._args or ())
+        timer._callback = lambda: held.append((callback, args))
+        timer._args = ()
+        self._autodrive = self._loop_patch.loop.create_task(
+            self._autodrive_to(target, waiter, held)
+        )
+
+    async def _autodrive_to(
+        self,
+        target_us: int,
+        waiter: asyncio.Future[Any],
+        held: list[tuple[Any, tuple[Any, ...]]],
+    ) -> None:
+        __tracebackhide__ = True
+        try:
+            await self._drive(target_us, visit_deadlines=True, until=waiter)
+        except BaseException as error:
+            self._autodrive = None
+            if not waiter.done():
+                waiter.set_exception(error)  # raised at the test's await
+            else:
+                self._deferred_error = error  # raised by the next clock call or at the end
+            return
+        self._autodrive = None
+        for callback, args in held:
+            with contextlib.suppress(asyncio.InvalidStateError):
+                callback(*args)
+
+    def _raise_deferred(self) -> None:
+        __tracebackhide__ = True
+        error, self._deferred_error = self._deferred_error, None
+        if error is not None:
+            raise error
+
     # -- the end of the test ---------------------------------------------------------------------
 
     def end_of_test(self) -> LeftoverWorkError | None:
@@ -642,9 +754,13 @@ class VirtualClock:
         force and named (see :mod:`._leftovers`). Job threads still running are stopped.
         """
         problems: list[str] = []
+        deferred, self._deferred_error = self._deferred_error, None
+        if deferred is not None:
+            problems.append(f"{type(deferred).__name__}: {deferred}")
         patch = self._loop_patch
         if patch is not None and not patch.loop.is_closed() and not patch.loop.is_running():
-            problems += self.job_tasks.end(patch.loop)
+            autodrive = [self._autodrive] if self._autodrive is not None else []
+            problems += self.job_tasks.end(patch.loop, autodrive)
         _threads.stop_threads(self._executors, grace=_watchdog.STOP_GRACE)
         error = _leftovers.failure(problems)
         self.leftovers = [error] if error is not None else []

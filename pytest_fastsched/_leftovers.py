@@ -81,8 +81,8 @@ class JobTasks:
             return "the test itself"
         return f"task {task.get_name()}"
 
-    def end(self, loop: asyncio.AbstractEventLoop) -> list[str]:
-        """Cancel the jobs' tasks on ``loop``, which is not running.
+    def end(self, loop: asyncio.AbstractEventLoop, also: list[asyncio.Task[Any]]) -> list[str]:
+        """Cancel the jobs' tasks (and ``also``) on ``loop``, which is not running.
 
         Returns a line for each task that ignored cancellation, and for each task a job
         created and left pending after the job returned.
@@ -93,6 +93,7 @@ class JobTasks:
         ]
         leftovers += [(task, None, True) for task in runs if task not in self._runs]
         tasks = [task for task, _, _ in leftovers if not task.done()]
+        tasks += [task for task in also if not task.done()]
         if not tasks:
             return []
         running = {run for _, run, is_run in leftovers if is_run and run is not None}

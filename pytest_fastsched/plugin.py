@@ -160,8 +160,8 @@ def fastsched_clock(
 ) -> Iterator[VirtualClock]:
     """The virtual clock of this test: the wall clock (every thread) and the test's loop.
 
-    Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
-    ``run_until_idle()``, which fire everything that falls due on the way.
+    Time moves only inside ``advance()``, ``advance_to()``, ``jump()``, ``run_until_idle()``
+    and the test's own ``await asyncio.sleep()``, firing everything that falls due.
     """
     from pytest_fastsched import _clock
 

@@ -154,6 +154,10 @@ async def spawn():
     asyncio.create_task(write_later())
 
 
+def boom():
+    raise ValueError("boom during the test's sleep")
+
+
 async def fan_out():
     await asyncio.gather(asyncio.sleep(3600), asyncio.sleep(7200))
 
@@ -210,6 +214,23 @@ async def test_spawned_task_leaks_after(fastsched_db, after):
     await after(fastsched_db)
 
 
+async def test_sleep_in_the_test_is_virtual_time(fastsched_clock, fastsched_scheduler):
+    fired = []
+    app.scheduler.add_job(
+        fired.append, "date", run_date="2030-01-01 00:02:30+00:00", args=[1], id="half"
+    )
+    await fastsched_clock.advance(minutes=2)
+    started = time.monotonic()
+    await asyncio.sleep(60)
+    assert time.monotonic() - started < 1
+    assert fastsched_clock.now() == dt.datetime(2030, 1, 1, 0, 3, tzinfo=dt.timezone.utc)
+    assert fired == [1]
+
+
+async def test_sleep_in_the_test_is_virtual_time_after(fastsched_db, after):
+    await after(fastsched_db)
+
+
 async def test_a_running_jobs_own_tasks_are_no_leak(fastsched_clock, fastsched_scheduler):
     add(fan_out, "fan_out")
     await fastsched_clock.advance(minutes=2)
@@ -217,6 +238,15 @@ async def test_a_running_jobs_own_tasks_are_no_leak(fastsched_clock, fastsched_s
 
 
 async def test_a_running_jobs_own_tasks_are_no_leak_after(fastsched_db, after):
+    await after(fastsched_db)
+
+
+async def test_job_error_during_the_tests_sleep(fastsched_clock, fastsched_scheduler):
+    add(boom, "boom")
+    await asyncio.sleep(120)
+
+
+async def test_job_error_during_the_tests_sleep_after(fastsched_db, after):
     await after(fastsched_db)
 """
 
@@ -228,6 +258,7 @@ FAILED = [
     "test_loop_blocked",
     "test_cancel_swallowed",
     "test_spawned_task_leaks",
+    "test_job_error_during_the_tests_sleep",
 ]
 MESSAGES = [
     [
@@ -267,6 +298,12 @@ MESSAGES = [
         "E             job 'spawner' (scheduled 2030-01-01T00:01:00+00:00) started task *, "
         "still pending at the end of the test (at write_later (*test_modes.py:*), awaiting "
         "sleep); it was cancelled, so that it cannot run in a later test.*",
+    ],
+    [">       await asyncio.sleep(120)"],
+    [
+        "E * pytest_fastsched.JobRunError: job 'boom' (scheduled "
+        "2030-01-01T00:01:00+00:00) raised ValueError: boom during the test's sleep",
+        "E * at virtual 2030-01-01T00:01:00+00:00",
     ],
 ]
 
