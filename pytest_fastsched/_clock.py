@@ -7,9 +7,16 @@ hangs asyncio and every ``threading`` timeout.
 
 Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
 :meth:`VirtualClock.jump`, :meth:`VirtualClock.run_until_idle` and, while a request of the
-``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`. Each of them repeats: let
-everything runnable at this instant run, wait (in real time) for work the clock can see in
-flight, then step to the next loop timer (APScheduler's wake-ups are loop timers) and go on.
+``fastsched_client`` is awaited, :meth:`VirtualClock.drive_until`, and while the test itself
+sleeps on a loop timer (``await asyncio.sleep(s)`` in the test is ``advance_to()`` that
+timer). Each of them repeats: let everything runnable at this instant run, wait (in real
+time) for work the clock can see in flight, then step to the next loop timer (APScheduler's
+wake-ups are loop timers) and go on.
+
+A real-time watchdog (:mod:`._watchdog`) bounds each of them. While the clock is attached,
+the loop's default executor is a :class:`~._threads.JobThreads`, whose threads the watchdog
+can stop; at the end of the test, :meth:`VirtualClock.end_of_test` ends what the test's jobs
+left running (:mod:`._leftovers`).
 """
 
 from __future__ import annotations
@@ -21,24 +28,27 @@ import datetime as dt
 import functools
 import inspect
 import math
-import threading
-import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
 import pytest
 
+from pytest_fastsched import _leftovers, _threads, _watchdog
+from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import make_wall_clock
+from pytest_fastsched._watchdog import Watchdog
 
 _T = TypeVar("_T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
+_MISSING = object()
+_MAX_US = (dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // dt.timedelta(
+    microseconds=1
+)
 # Idle loop cycles that confirm quiescence after the ready queue first looks empty: covers
 # callbacks that schedule callbacks (call_soon chains, future done-callbacks).
 _IDLE_CYCLES = 3
-# How often (real seconds) a waiting clock call re-checks its watchdog.
-_TICK = 0.05
 # The async functions that wait for database drivers: (module, attribute path).
 _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "greenlet_spawn"),
@@ -86,7 +96,13 @@ class _Inflight:
 
 
 class _LoopPatch:
-    """The instance-level patches that put one event loop on virtual time."""
+    """The instance-level patches that put one event loop on virtual time.
+
+    Besides the loop's clock: ``run_in_executor`` counts the work in flight, runs it in a
+    copy of the caller's context and runs the default executor's work on the clock's
+    :class:`~._threads.JobThreads`; ``create_task`` tells the clock of each task (to know
+    which job started it); the selector's ``select`` lets the test's own sleeps move time.
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: VirtualClock) -> None:
         if not isinstance(loop, asyncio.BaseEventLoop):
@@ -102,24 +118,51 @@ class _LoopPatch:
         self.origin_us = clock.now_us
         self.loop_time = self.origin_loop_time
         self._clock = clock
-        self._had_time = "time" in vars(loop)
-        self._had_run_in_executor = "run_in_executor" in vars(loop)
+        self._saved = {
+            name: vars(loop).get(name, _MISSING)
+            for name in ("time", "run_in_executor", "create_task")
+        }
         original_run_in_executor = loop.run_in_executor
+        original_create_task = loop.create_task
         inflight = clock.inflight
 
         def run_in_executor(executor: Any, func: Callable[..., _T], *args: Any) -> Any:
             # Executor threads run in a copy of the caller's context, as asyncio.to_thread
             # does, so job-run context vars reach sync jobs too.
             context = contextvars.copy_context()
-            future = original_run_in_executor(
-                executor, functools.partial(context.run, func), *args
-            )
+            call: Callable[..., Any] = functools.partial(context.run, func)
+            if executor is None:
+                # Instead of the loop's default executor, whose threads asyncio joins when the
+                # loop closes: a job thread that never ended would hang the session there.
+                executor = clock.default_executor()
+                call = _threads.Labelled(call, _threads.describe_call(func, args))
+            future = original_run_in_executor(executor, call, *args)
             inflight.enter()
             future.add_done_callback(lambda _: inflight.exit())
             return future
 
+        def create_task(coro: Any, **kwargs: Any) -> Any:
+            task = original_create_task(coro, **kwargs)
+            clock.job_tasks.created(task, kwargs.get("context"))
+            return task
+
         loop.time = lambda: self.loop_time  # type: ignore[method-assign]
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
+        loop.create_task = create_task  # type: ignore[method-assign]
+        self._selector = getattr(loop, "_selector", None)
+        if self._selector is not None and "select" not in vars(self._selector):
+            original_select = self._selector.select
+
+            def select(timeout: float | None = None) -> Any:
+                # The loop is about to wait: if the test itself sleeps on a loop timer, move
+                # virtual time to it instead of waiting in real time (forever).
+                if (timeout is None or timeout > 0) and clock.test_sleeps():
+                    timeout = 0
+                return original_select(timeout)
+
+            self._selector.select = select
+        else:
+            self._selector = None
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.origin_loop_time + (now_us - self.origin_us) / _US
@@ -137,12 +180,13 @@ class _LoopPatch:
         return nearest if abs(exact - nearest) < 0.5 else math.ceil(exact)
 
     def restore(self) -> None:
-        for name, had in (
-            ("time", self._had_time),
-            ("run_in_executor", self._had_run_in_executor),
-        ):
-            if not had:
+        for name, saved in self._saved.items():
+            if saved is _MISSING:
                 vars(self.loop).pop(name, None)
+            else:
+                setattr(self.loop, name, saved)
+        if self._selector is not None:
+            vars(self._selector).pop("select", None)
 
 
 class _IoCounter:
@@ -195,51 +239,14 @@ class _IoCounter:
         self._patched.clear()
 
 
-class _Watchdog:
-    """Real-time limit of one clock call: pokes the loop every tick so waits re-check it."""
-
-    def __init__(self, loop: asyncio.AbstractEventLoop, seconds: float) -> None:
-        self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
-        self._loop = loop
-        self._stop = threading.Event()
-        self._waiter: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._run, name="fastsched-watchdog", daemon=True)
-        self._thread.start()
-
-    def _run(self) -> None:
-        while not self._stop.wait(_TICK):
-            try:
-                self._loop.call_soon_threadsafe(self._poke)
-            except RuntimeError:
-                return
-
-    def _poke(self) -> None:
-        waiter = self._waiter
-        if waiter is not None and not waiter.done():
-            waiter.set_result(None)
-
-    def expired(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def progress(self) -> None:
-        self.deadline = time.monotonic() + self.seconds
-
-    def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
-        self._waiter = waiter
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
-
-
 class VirtualClock:
     """The virtual clock of one test (the ``fastsched_clock`` fixture).
 
     ``now()`` is the virtual instant (aware, UTC). The wall clock reads it everywhere from
     the start of the test; the test's event loop reads it from the moment the test coroutine
     starts. Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
-    ``run_until_idle()``, which also run every job, timer and callback that falls due.
+    ``run_until_idle()``, which also run every job, timer and callback that falls due, and
+    while the test itself awaits a loop timer (``await asyncio.sleep(s)``).
     """
 
     def __init__(self, *, start: dt.datetime, backend: str = "freezegun", watchdog: float = 30.0):
@@ -261,6 +268,15 @@ class VirtualClock:
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self._describers: list[Callable[[], list[str]]] = []
         self._on_drive: list[Callable[[], None]] = []
+        self.job_tasks = _leftovers.JobTasks()
+        """The tasks of the test's jobs, ended at the end of the test."""
+        self._executors: list[_threads.JobThreads] = []
+        self._default_executor: _threads.JobThreads | None = None
+        self._test_task: asyncio.Task[Any] | None = None
+        self._autodrive: asyncio.Task[None] | None = None
+        self._deferred_error: BaseException | None = None
+        self.leftovers: list[LeftoverWorkError] = []
+        """The failure of :meth:`end_of_test`, when the jobs left work running."""
 
     @property
     def backend(self) -> str:
@@ -308,7 +324,11 @@ class VirtualClock:
         @functools.wraps(original)
         async def attached_test(*args: Any, **kwargs: Any) -> Any:
             clock.attach()
-            return await original(*args, **kwargs)
+            clock._test_task = asyncio.current_task()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                clock._test_task = None
 
         item.obj = attached_test  # type: ignore[attr-defined]
 
@@ -319,6 +339,11 @@ class VirtualClock:
 
     def close(self) -> None:
         """Restore the loop's clock and the wall clock (the fixture calls this)."""
+        _threads.stop_threads(self._executors, grace=0)
+        for executor in self._executors:
+            executor.shutdown(wait=False)
+        self._executors.clear()
+        self._default_executor = None
         if self._io_counter is not None:
             self._io_counter.restore()
             self._io_counter = None
@@ -354,6 +379,18 @@ class VirtualClock:
         """Whether a clock call is moving time right now."""
         return self._driving
 
+    def default_executor(self) -> _threads.JobThreads:
+        """The executor of ``run_in_executor(None, ...)`` while the clock is attached."""
+        if self._default_executor is None:
+            self._default_executor = self.thread_executor("fastsched-thread")
+        return self._default_executor
+
+    def thread_executor(self, name: str, max_workers: int | None = None) -> _threads.JobThreads:
+        """A :class:`~._threads.JobThreads` the watchdog watches, shut down with the clock."""
+        executor = _threads.JobThreads(name, max_workers)
+        self._executors.append(executor)
+        return executor
+
     def add_describer(self, describer: Callable[[], list[str]]) -> None:
         """Lines that describe pending work, shown when the watchdog fires."""
         self._describers.append(describer)
@@ -388,7 +425,7 @@ class VirtualClock:
         """
         __tracebackhide__ = True
         step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
-        await self._drive(self.now_us + step, visit_deadlines=True)
+        await self._drive(self._within_range(self.now_us + step, "advance"), visit_deadlines=True)
 
     async def advance_to(self, instant: dt.datetime) -> None:
         """Move time forward to the aware datetime ``instant``, firing everything due."""
@@ -410,13 +447,23 @@ class VirtualClock:
         APScheduler's own misfire and coalescing rules when the scheduler wakes up late.
         """
         __tracebackhide__ = True
-        step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
-        await self._drive(self.now_us + step, visit_deadlines=False)
+        step = _duration(
+            delta, seconds=seconds, minutes=minutes, hours=hours, days=days, method="jump"
+        )
+        await self._drive(self._within_range(self.now_us + step, "jump"), visit_deadlines=False)
 
     async def run_until_idle(self) -> None:
         """Run everything runnable at the current instant, without moving time."""
         __tracebackhide__ = True
         await self._drive(self.now_us, visit_deadlines=True)
+
+    def _within_range(self, target_us: int, method: str) -> int:
+        if target_us > _MAX_US:
+            raise ClockError(
+                f"{method}() would move time past {from_us(_MAX_US).isoformat()}, the last "
+                f"instant a datetime can hold (now {self.now().isoformat()})"
+            )
+        return target_us
 
     def _target_of(self, instant: dt.datetime, method: str) -> int:
         if not isinstance(instant, dt.datetime):
@@ -463,16 +510,26 @@ class VirtualClock:
         finally:
             self._drive_ended.remove(ended)
 
-    async def _drive(self, target_us: int, *, visit_deadlines: bool) -> None:
+    async def _drive(
+        self,
+        target_us: int,
+        *,
+        visit_deadlines: bool,
+        until: asyncio.Future[Any] | None = None,
+    ) -> None:
         __tracebackhide__ = True
         await self._moving_time(
-            lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog)
+            lambda watchdog: self._drive_to(target_us, visit_deadlines, watchdog, until)
         )
 
-    async def _moving_time(self, drive: Callable[[_Watchdog], Awaitable[None]]) -> None:
+    async def _moving_time(self, drive: Callable[[Watchdog], Awaitable[None]]) -> None:
         __tracebackhide__ = True
         if not self._started:
             raise ClockError("the clock is closed: use fastsched_clock only inside its test")
+        autodrive = self._autodrive
+        if autodrive is not None and autodrive is not asyncio.current_task():
+            # The test woke before the timer it slept on: that drive stops at this instant.
+            await asyncio.wait([autodrive])
         if self._driving:
             raise ClockError(
                 "a fastsched_clock call is already moving time: await one advance() at a time"
@@ -480,8 +537,9 @@ class VirtualClock:
         self.attach()
         assert self._io_counter is not None
         self._io_counter.install()
+        self._raise_deferred()
         loop = asyncio.get_running_loop()
-        watchdog = _Watchdog(loop, self.watchdog_seconds)
+        watchdog = Watchdog(loop, self.watchdog_seconds, self._describe_task)
         self._driving = True
         try:
             for callback in self._on_drive:
@@ -494,13 +552,21 @@ class VirtualClock:
                 if not ended.done():
                     ended.set_result(None)
 
-    async def _drive_to(self, target_us: int, visit_deadlines: bool, watchdog: _Watchdog) -> None:
+    async def _drive_to(
+        self,
+        target_us: int,
+        visit_deadlines: bool,
+        watchdog: Watchdog,
+        until: asyncio.Future[Any] | None = None,
+    ) -> None:
         __tracebackhide__ = True
         if not visit_deadlines:
             self._set_now(target_us)
         while True:
             await self._settle(watchdog)
             self._run_checks()
+            if until is not None and until.done():
+                return  # the sleeping test was woken by something else: stop here
             deadline = self._next_deadline()
             if deadline is None or deadline[0] > target_us:
                 break
@@ -512,7 +578,7 @@ class VirtualClock:
             await self._settle(watchdog)
             self._run_checks()
 
-    async def _drive_until(self, future: asyncio.Future[Any], watchdog: _Watchdog) -> None:
+    async def _drive_until(self, future: asyncio.Future[Any], watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         assert self._loop_patch is not None
         while True:
@@ -544,9 +610,10 @@ class VirtualClock:
         return self._loop_patch.us_of_loop_time(when), when
 
     def _busy(self) -> int:
-        return self.inflight.count + sum(source() for source in self._busy_sources)
+        threads = sum(executor.pending for executor in self._executors)
+        return self.inflight.count + threads + sum(source() for source in self._busy_sources)
 
-    async def _settle(self, watchdog: _Watchdog) -> None:
+    async def _settle(self, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         assert self._loop_patch is not None
         loop = self._loop_patch.loop
@@ -568,7 +635,7 @@ class VirtualClock:
         return bool(scheduled) and scheduled[0].when() < loop.time()
 
     async def _wait_for_busy_work(
-        self, loop: asyncio.AbstractEventLoop, watchdog: _Watchdog
+        self, loop: asyncio.AbstractEventLoop, watchdog: Watchdog
     ) -> None:
         waiter: asyncio.Future[None] = loop.create_future()
         self.inflight.waiter = waiter
@@ -583,18 +650,121 @@ class VirtualClock:
         for check in self._checks:
             check()
 
-    def _raise_watchdog(self, watchdog: _Watchdog) -> None:
+    def _raise_watchdog(self, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         lines = [line for describe in self._describers for line in describe()]
         pending = "\n".join(f"  {line}" for line in lines) or "  (no job run is pending)"
+        watchdog.stop()  # stopping threads blocks the loop: not a loop to interrupt
+        blocked = watchdog.blocked.details() if watchdog.blocked is not None else []
+        details = blocked + _watchdog.stop_threads(self._executors)
         raise WatchdogTimeout(
             f"fastsched watchdog: work did not finish within {watchdog.seconds:g} real "
             f"seconds at virtual {self.now().isoformat()}.\n"
             f"Still running:\n{pending}\n"
-            f"A job that blocks its thread or loops without awaiting never lets time move. "
-            f"Raise the limit with fastsched_watchdog / --fastsched-watchdog if the work is "
-            f"only slow."
+            + "".join(f"{line}\n" for line in details)
+            + "A job that blocks its thread or loops without awaiting never lets time move. "
+            "Raise the limit with fastsched_watchdog / --fastsched-watchdog if the work is "
+            "only slow."
         )
+
+    def _describe_task(self, task: asyncio.Task[Any] | None) -> str:
+        return self.job_tasks.describe(task, self._test_task)
+
+    # -- the test's own sleeps: virtual time ----------------------------------------------------
+
+    def test_sleeps(self) -> bool:
+        """Called by the loop before it waits: start moving time if the test sleeps.
+
+        ``await asyncio.sleep(s)`` (or ``asyncio.wait_for``/``asyncio.timeout``) in the test
+        itself waits on a loop timer, in virtual time: when nothing else can run and no real
+        work is in flight, the clock advances to that timer as ``advance_to()`` would, firing
+        everything due on the way. Errors of that drive are raised at the test's await.
+        """
+        task = self._test_task
+        patch = self._loop_patch
+        if self._driving or self._autodrive is not None or patch is None or task is None:
+            return False
+        waiter = getattr(task, "_fut_waiter", None)
+        if task.done() or waiter is None or waiter.done() or self._busy():
+            return False
+        for handle in patch.loop._scheduled:  # type: ignore[attr-defined]
+            if handle.cancelled():
+                continue
+            owner = getattr(getattr(handle, "_callback", None), "__self__", None)
+            if waiter in (getattr(handle, "_args", None) or ()) or (
+                getattr(owner, "_task", None) is task
+            ):
+                patch.loop.call_soon(self._start_autodrive, handle, waiter)
+                return True
+        return False
+
+    def _start_autodrive(self, handle: asyncio.TimerHandle, waiter: asyncio.Future[Any]) -> None:
+        if self._driving or self._autodrive is not None or self._loop_patch is None:
+            return
+        if handle.cancelled() or waiter.done():
+            return
+        target = max(self._loop_patch.us_of_loop_time(handle.when()), self.now_us)
+        # The test wakes only when the drive is over, as after advance_to(): hold its timer's
+        # callback (a plain TimerHandle attribute) and run it then.
+        held: list[tuple[Any, tuple[Any, ...]]] = []
+        timer: Any = handle
+        callback, args = timer._callback, tuple(timer._args or ())
+        timer._callback = lambda: held.append((callback, args))
+        timer._args = ()
+        self._autodrive = self._loop_patch.loop.create_task(
+            self._autodrive_to(target, waiter, held)
+        )
+
+    async def _autodrive_to(
+        self,
+        target_us: int,
+        waiter: asyncio.Future[Any],
+        held: list[tuple[Any, tuple[Any, ...]]],
+    ) -> None:
+        __tracebackhide__ = True
+        try:
+            await self._drive(target_us, visit_deadlines=True, until=waiter)
+        except BaseException as error:
+            self._autodrive = None
+            if not waiter.done():
+                waiter.set_exception(error)  # raised at the test's await
+            else:
+                self._deferred_error = error  # raised by the next clock call or at the end
+            return
+        self._autodrive = None
+        for callback, args in held:
+            with contextlib.suppress(asyncio.InvalidStateError):
+                callback(*args)
+
+    def _raise_deferred(self) -> None:
+        __tracebackhide__ = True
+        error, self._deferred_error = self._deferred_error, None
+        if error is not None:
+            raise error
+
+    # -- the end of the test ---------------------------------------------------------------------
+
+    def end_of_test(self) -> LeftoverWorkError | None:
+        """End what the test's jobs left running; the error that fails the test for it.
+
+        The error is kept in ``leftovers`` too, for the test's report.
+        Called after the test function returned (or raised), while its loop is not running.
+        Job runs still in progress are cancelled quietly (as the app's shutdown would); a task
+        that ignores cancellation, and a task a job started and left behind, are ended by
+        force and named (see :mod:`._leftovers`). Job threads still running are stopped.
+        """
+        problems: list[str] = []
+        deferred, self._deferred_error = self._deferred_error, None
+        if deferred is not None:
+            problems.append(f"{type(deferred).__name__}: {deferred}")
+        patch = self._loop_patch
+        if patch is not None and not patch.loop.is_closed() and not patch.loop.is_running():
+            autodrive = [self._autodrive] if self._autodrive is not None else []
+            problems += self.job_tasks.end(patch.loop, autodrive)
+        _threads.stop_threads(self._executors, grace=_watchdog.STOP_GRACE)
+        error = _leftovers.failure(problems)
+        self.leftovers = [error] if error is not None else []
+        return error
 
     # -- introspection -------------------------------------------------------------------------
 
@@ -636,19 +806,34 @@ def _duration(
     minutes: float,
     hours: float,
     days: float,
+    method: str = "advance",
 ) -> int:
+    """The positive step, in microseconds, that ``method()`` was asked to move time by."""
     if delta is not None and (seconds or minutes or hours or days):
-        raise ClockError("give advance() either a timedelta or keyword amounts, not both")
-    if delta is None:
-        delta = dt.timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
-    elif isinstance(delta, (int, float)) and not isinstance(delta, bool):
-        delta = dt.timedelta(seconds=delta)
+        raise ClockError(f"give {method}() either a timedelta or keyword amounts, not both")
+    amounts = {"seconds": seconds, "minutes": minutes, "hours": hours, "days": days}
+    number = isinstance(delta, (int, float)) and not isinstance(delta, bool)
+    shown = (
+        repr(delta)
+        if number
+        else ", ".join(f"{name}={amount!r}" for name, amount in amounts.items() if amount)
+    )
+    for amount in [delta] if number else amounts.values():
+        if isinstance(amount, float) and not math.isfinite(amount):
+            raise ClockError(f"{method}({shown}) needs a finite duration")
+    try:
+        if delta is None:
+            delta = dt.timedelta(seconds=seconds, minutes=minutes, hours=hours, days=days)
+        elif number:
+            delta = dt.timedelta(seconds=delta)  # type: ignore[arg-type]
+    except OverflowError:
+        raise ClockError(f"{method}({shown}) is too long for a datetime") from None
     if not isinstance(delta, dt.timedelta):
-        raise ClockError(f"advance() takes a timedelta or a number of seconds, not {delta!r}")
-    step = to_us(_EPOCH + delta)
+        raise ClockError(f"{method}() takes a timedelta or a number of seconds, not {delta!r}")
+    step = delta // dt.timedelta(microseconds=1)
     if step <= 0:
         raise ClockError(
-            f"advance() needs a positive duration, got {delta!r}: to run what is due now "
+            f"{method}() needs a positive duration, got {delta!r}: to run what is due now "
             f"without moving time, await run_until_idle()"
         )
     return step

@@ -272,7 +272,9 @@ class Database:
         if table not in known:
             async with self._helper_connection() as connection:
                 if model is None:
-                    known[table] = await connection.run_sync(_reflect, table)
+                    known[table] = await connection.run_sync(
+                        _reflect, table, metadata, self._databases.settings.metadata
+                    )
                 else:
                     known[table] = await connection.run_sync(with_database_columns, model)
         return known[table]
@@ -437,15 +439,29 @@ def with_database_columns(connection: Connection, table: Table) -> Table:
     return Table(table.name, MetaData(), *columns, schema=table.schema)
 
 
-def _reflect(connection: Connection, name: str) -> Table:
+def _reflect(
+    connection: Connection, name: str, metadata: MetaData | None, metadata_path: str | None
+) -> Table:
     try:
         return Table(name, MetaData(), autoload_with=connection)
     except NoSuchTableError:
         names = ", ".join(sorted(inspect(connection).get_table_names())) or "none"
         raise LookupError(
             f"fastsched_db: the test database has no table {name!r} (tables: {names}). "
-            "Set fastsched_metadata to the app's MetaData so the schema is created."
+            + _missing_table_hint(metadata, metadata_path)
         ) from None
+
+
+def _missing_table_hint(metadata: MetaData | None, metadata_path: str | None) -> str:
+    if metadata is None:
+        return "Set fastsched_metadata to the app's MetaData so the schema is created."
+    if not metadata.tables:
+        return _schema.empty_metadata_message(metadata_path)
+    known = ", ".join(sorted(metadata.tables))
+    return (
+        f"fastsched_metadata = {metadata_path!r} does not define it either (its tables: "
+        f"{known}): check the name, or import the module of its model."
+    )
 
 
 def for_config(config: pytest.Config, settings: _options.Settings) -> Databases:

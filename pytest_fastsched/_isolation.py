@@ -8,8 +8,9 @@ several connections; the tables are emptied after the test.
 
 Guards turn the ways code can escape the isolation into errors that name the fix, each
 message next to its guard: a second connection during a rollback test, two tasks sharing the
-test connection at once, statements that cannot run in a transaction, and the test connection
-used from another event loop. (Connections to other databases are the seal's business:
+test connection at once, statements that cannot run in a transaction, the test connection
+used from another event loop, and a database that rolled the test's transaction back by
+itself (SQLite, when the disk is full). (Connections to other databases are the seal's business:
 :mod:`._seal`.) Jobs often swallow exceptions, so every guard error is also kept on the
 :class:`RunningTest`, and the plugin fails a test that passed with it.
 """
@@ -24,7 +25,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequen
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pytest_fastsched import _options, _rebind
@@ -42,6 +43,10 @@ _NON_TRANSACTIONAL = re.compile(
     re.IGNORECASE | re.VERBOSE | re.DOTALL,
 )
 _SAVEPOINT_END = ("RELEASE SAVEPOINT ", "ROLLBACK TO SAVEPOINT ")
+# SQLite errors after which it may roll back the whole transaction by itself (SQLITE_FULL,
+# SQLITE_IOERR, SQLITE_NOMEM): every savepoint of the test is gone with it.
+_TRANSACTION_LOST = ("database or disk is full", "disk i/o error", "out of memory")
+_SAVEPOINT_GONE = ("no such savepoint", "no transaction is active")
 
 
 class DatabaseGuardError(Exception):
@@ -116,6 +121,17 @@ class _Holder:
         return f"task {self.task.get_name()!r} ({name})"
 
 
+def _lost_transaction_message(cause: str, statement: str) -> str:
+    words = " ".join(statement.split())[:80]
+    return (
+        f"fastsched_db: the database failed with {cause!r} (in {words!r}) and SQLite then "
+        "rolled back the test's whole transaction by itself, with every savepoint in it: "
+        "later statements fail with 'no such savepoint', and writes would really commit. "
+        "Fix the cause (free disk space, or raise the database's size limit) and run the "
+        "test again."
+    )
+
+
 def _non_transactional_message(statement: str) -> str:
     words = " ".join(statement.split()[:4])
     return (
@@ -135,6 +151,10 @@ class RunningTest:
     connection: Connection | None
     savepoints: list[tuple[str, _Holder]] = dataclasses.field(default_factory=list)
     errors: list[DatabaseGuardError] = dataclasses.field(default_factory=list)
+    lost: str | None = None
+    """Why the database rolled the test's transaction back by itself, once it did."""
+    suspect: str | None = None
+    """An error after which the database may have rolled the transaction back."""
 
     def violation(self, message: str) -> DatabaseGuardError:
         """Record a guard error (jobs often swallow exceptions) and return it to raise."""
@@ -156,6 +176,9 @@ class RunningTest:
             return
         if connection is not self.connection and not self._shares_test_connection(connection):
             raise self.violation(SECOND_CONNECTION)
+        if self.lost is not None:
+            # Without its transaction the test connection would commit for real.
+            raise self.violation(self.lost)
         head = statement.lstrip()[:64].upper()
         if head.startswith(_SAVEPOINT_END):
             self._end_savepoint(statement.split()[-1])
@@ -165,6 +188,26 @@ class RunningTest:
             raise self.violation(_non_transactional_message(statement))
         if head.startswith("SAVEPOINT "):
             self.savepoints.append((statement.split()[-1], _Holder.current()))
+
+    def check_error(self, context: ExceptionContext) -> None:
+        """After a database error: has the database rolled the test's transaction back?
+
+        Only the error's message says so. The cause is kept as a suspect; when a later
+        savepoint turns out to be gone, the test fails with the cause, not the savepoint.
+        """
+        if self.isolation != "rollback" or context.is_disconnect:
+            return
+        connection = context.connection
+        if connection is None or connection is not self.connection:
+            return
+        message = str(context.original_exception).lower()
+        if any(cause in message for cause in _TRANSACTION_LOST):
+            self.suspect = self.suspect or _lost_transaction_message(
+                str(context.original_exception), context.statement or ""
+            )
+        elif self.suspect is not None and any(gone in message for gone in _SAVEPOINT_GONE):
+            self.lost = self.suspect
+            raise self.violation(self.lost) from context.original_exception
 
     def _shares_test_connection(self, connection: Connection) -> bool:
         """An app engine's connection joined to the test connection (see ``_rebind``)."""
@@ -193,6 +236,11 @@ class _Guard:
     def __init__(self, engine: AsyncEngine) -> None:
         self.state: RunningTest | None = None
         event.listen(engine.sync_engine, "before_cursor_execute", self._before_execute)
+        event.listen(engine.sync_engine, "handle_error", self._on_error)
+
+    def _on_error(self, context: ExceptionContext) -> None:
+        if self.state is not None:
+            self.state.check_error(context)
 
     def _before_execute(
         self,

@@ -418,14 +418,18 @@ def import_before_clock(settings: Settings, fixtures: set[str]) -> None:
     pydantic.v1 when it builds its first route; the C extensions of asyncpg and psycopg check
     the size of ``datetime.date``. So when a test uses the plugin, the app's modules and the
     database drivers the seal watches are imported, and the SQLAlchemy dialect when a test
-    uses ``fastsched_db``. Errors of the app's paths are left to the fixtures, which report
-    them against the test that needs the path.
+    uses ``fastsched_db``. Errors of the database and app paths are left to the fixtures,
+    which report them (briefly) against each test that needs the path. A scheduler that the
+    collected tests need and that does not resolve, or is not an ``AsyncIOScheduler``, is one
+    ``pytest.UsageError`` for the session, not a traceback through pytest-asyncio per test.
     """
     if not any(name.startswith("fastsched_") for name in fixtures):
         return
     for driver in SEALED_DRIVERS:
         with contextlib.suppress(ImportError):
             importlib.import_module(driver)
+    if "fastsched_scheduler" in fixtures:
+        check_scheduler_setting(settings)
     for option, paths in (
         ("fastsched_scheduler", _names(settings.scheduler)),
         ("fastsched_sessionmaker", settings.sessionmakers),
@@ -439,6 +443,28 @@ def import_before_clock(settings: Settings, fixtures: set[str]) -> None:
     if "fastsched_db" in fixtures:
         dialect = "sqlite.aiosqlite" if settings.database == "sqlite" else "postgresql.asyncpg"
         importlib.import_module(f"sqlalchemy.dialects.{dialect}")
+
+
+def check_scheduler_setting(settings: Settings) -> None:
+    """Raise ``pytest.UsageError`` unless ``fastsched_scheduler``, if set, is importable and an
+    ``AsyncIOScheduler``. Under xdist the controller calls it before the workers start: a
+    worker's usage error would crash it instead of stopping the run with the message."""
+    if settings.scheduler is not None:
+        scheduler = resolve(settings.scheduler, "fastsched_scheduler")
+        check_scheduler(scheduler, f"fastsched_scheduler = {settings.scheduler!r}")
+
+
+def check_scheduler(scheduler: object, source: str) -> None:
+    """Raise ``pytest.UsageError`` unless ``scheduler`` is an APScheduler ``AsyncIOScheduler``."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    if not isinstance(scheduler, AsyncIOScheduler):
+        kind = type(scheduler)
+        raise pytest.UsageError(
+            f"{source} needs an apscheduler AsyncIOScheduler, got {kind.__module__}."
+            f"{kind.__qualname__}: jobs of a BackgroundScheduler or BlockingScheduler run on "
+            f"their own threads and real time. Create the app's scheduler as AsyncIOScheduler()."
+        )
 
 
 def describe(value: object) -> str:
@@ -581,6 +607,17 @@ def marker_options(node: pytest.Item) -> MarkerOptions:
     """
     options = node.stash[MARKER_KEY] = _read_marker_options(node)
     return options
+
+
+def implied(node: pytest.Item) -> list[str]:
+    """The plugin fixtures a test needs without naming them, in set-up order.
+
+    ``@pytest.mark.fastsched(replicas=N)`` with N > 1 needs ``fastsched_scheduler``, which
+    runs the replicas.
+    """
+    if node.get_closest_marker("fastsched") is None:
+        return []
+    return ["fastsched_scheduler"] if marker_options(node).replicas > 1 else []
 
 
 def check_marker_unchanged(item: pytest.Item) -> None:

@@ -36,6 +36,11 @@ class RunRef:
     scheduled: dt.datetime
     replica: int = 0
 
+    def describe(self) -> str:
+        """``job 'x' (scheduled 2030-01-01T00:05:00+00:00)``, and `` on replica N`` on one."""
+        replica = f" on replica {self.replica}" if self.replica else ""
+        return f"job {self.job_id!r} (scheduled {self.scheduled.isoformat()}){replica}"
+
 
 current_run: contextvars.ContextVar[RunRef | None] = contextvars.ContextVar(
     "fastsched_current_run", default=None

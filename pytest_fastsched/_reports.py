@@ -1,7 +1,8 @@
 """What the plugin adds to pytest's reports of a test, and to the end of the session.
 
-- Sections of a failing test's report: the database guard errors a job swallowed, a hint for
-  SQLAlchemy's ``MissingGreenlet``, the timeline of job runs and row writes
+- Sections of a failing test's report: the database guard errors a job swallowed, the work
+  its jobs left running when it failed for another reason, a hint for SQLAlchemy's
+  ``MissingGreenlet``, the timeline of job runs and row writes
   (``--fastsched-timeline``, every test with ``-v``), and which replica ran which job run.
 - The timelines of the tests that passed, with ``--fastsched-timeline -v``, at the end.
 
@@ -17,10 +18,12 @@ from typing import Any
 import pytest
 
 from pytest_fastsched import _asserts, _options
+from pytest_fastsched._leftovers import LeftoverWorkError
 
 TIMELINE_SECTION = "fastsched timeline"
 REPLICAS_SECTION = "fastsched replicas"
 GUARD_SECTION = "fastsched_db guard"
+LEFTOVERS_SECTION = "fastsched leftovers"
 HINT_SECTION = "pytest-fastsched hint"
 
 MISSING_GREENLET_HINT = (
@@ -47,8 +50,8 @@ def add_sections(
 ) -> None:
     """Add the plugin's sections to the report of one phase of a test.
 
-    ``guard_errors`` are the errors of the seal and of the database guards that this report
-    is the first to see.
+    ``guard_errors`` are the errors of the seal, of the database guards and of the work left
+    running (``LeftoverWorkError``) that this report is the first to see.
     """
     if call.excinfo is not None:
         _failure_sections(report, call.excinfo.value, guard_errors)
@@ -81,7 +84,8 @@ def _failure_sections(
     reported = {id(link) for link in chain}
     for error in guard_errors:
         if id(error) not in reported:
-            addsection(GUARD_SECTION, str(error))
+            leftovers = isinstance(error, LeftoverWorkError)
+            addsection(LEFTOVERS_SECTION if leftovers else GUARD_SECTION, str(error))
     if any(type(link).__name__ == "MissingGreenlet" for link in chain):
         addsection(HINT_SECTION, MISSING_GREENLET_HINT)
 

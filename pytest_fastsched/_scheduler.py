@@ -26,10 +26,11 @@ from typing import Any, Protocol
 
 import pytest
 
-from pytest_fastsched import _asserts
+from pytest_fastsched import _asserts, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
-from pytest_fastsched._options import Settings, marker_options, resolve
+from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
+from pytest_fastsched._threads import JobStopped
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
@@ -164,9 +165,11 @@ class SchedulerHarness:
         self._stores: _JobStores | None = None
         self._thread_jobs = 0
         self._labelled: list[Any] = []
+        self._pools: list[tuple[Any, Any]] = []
         clock.add_check(self._raise_job_errors)
         clock.add_busy_source(lambda: self._thread_jobs)
         clock.add_describer(self._describe_running)
+        clock.job_tasks.add_runs(self._job_tasks)
 
     # -- attaching --------------------------------------------------------------------------
 
@@ -177,17 +180,10 @@ class SchedulerHarness:
         in a function instead of at import (then leave ``fastsched_scheduler`` unset).
         """
         from apscheduler.events import EVENT_ALL
-        from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
         if self.scheduler is not None:
             raise ClockError("fastsched_scheduler is already attached to a scheduler")
-        if not isinstance(scheduler, AsyncIOScheduler):
-            raise pytest.UsageError(
-                f"fastsched_scheduler needs an apscheduler AsyncIOScheduler, got "
-                f"{type(scheduler).__module__}.{type(scheduler).__qualname__}: jobs of a "
-                f"BackgroundScheduler or BlockingScheduler run on their own threads and real "
-                f"time. Create the app's scheduler as AsyncIOScheduler()."
-            )
+        check_scheduler(scheduler, "fastsched_scheduler")
         self.scheduler = scheduler
         self._stores = _JobStores(scheduler)
         for job in self._all_jobs():
@@ -249,7 +245,8 @@ class SchedulerHarness:
 
     def _label_runs(self) -> None:
         """Submit each job run with ``current_run`` set, so the run's task inherits it."""
-        for executor in self.scheduler._executors.values():
+        for alias, executor in self.scheduler._executors.items():
+            self._watch_pool(alias, executor)
             if "_do_submit_job" in vars(executor):
                 continue
             submit = executor._do_submit_job
@@ -263,6 +260,29 @@ class SchedulerHarness:
 
             executor._do_submit_job = labelled
             self._labelled.append(executor)
+
+    def _watch_pool(self, alias: str, executor: Any) -> None:
+        """Run an APScheduler thread pool's jobs on threads the watchdog can stop.
+
+        A job thread of a ``concurrent.futures.ThreadPoolExecutor`` that never returns is
+        joined at interpreter exit, so the session could never end. The pool is swapped for
+        a :class:`~._threads.JobThreads` of the same size during the test, then put back.
+        """
+        import concurrent.futures
+
+        from apscheduler.executors.pool import BasePoolExecutor
+
+        pool = getattr(executor, "_pool", None)
+        if not isinstance(executor, BasePoolExecutor) or not isinstance(
+            pool, concurrent.futures.ThreadPoolExecutor
+        ):
+            return
+        if any(watched is executor for watched, _ in self._pools):
+            return
+        executor._pool = self.clock.thread_executor(
+            f"fastsched-{alias}", getattr(pool, "_max_workers", None)
+        )
+        self._pools.append((executor, pool))
 
     def _reanchor_real_time_jobs(self) -> None:
         """Re-anchor jobs whose schedule was computed from the real clock before the test.
@@ -397,6 +417,8 @@ class SchedulerHarness:
             if run.outcome != "error" or id(run) in self._raised:
                 continue
             self._raised.add(id(run))
+            if isinstance(run.exception, JobStopped):
+                continue  # stopped by the watchdog, whose failure tells the story
             if self._expected(run) or self.job_errors == "record":
                 continue
             raise JobRunError(
@@ -568,10 +590,7 @@ class SchedulerHarness:
         lines = []
         for run in self.runs:
             if run.outcome == "running" and run.replica == self.replica:
-                replica = f" on replica {run.replica}" if run.replica else ""
-                lines.append(
-                    f"job {run.job_id!r}{replica} (scheduled {run.scheduled.isoformat()})"
-                )
+                lines.append(RunRef(run.job_id, run.scheduled, run.replica).describe())
         for task in self._job_tasks():
             lines.append(f"  task {task.get_name()} awaits {_awaited(task)}")
         return lines
@@ -612,6 +631,10 @@ class SchedulerHarness:
         for executor in self._labelled:
             vars(executor).pop("_do_submit_job", None)
         self._labelled.clear()
+        for executor, pool in self._pools:
+            executor._pool.shutdown(wait=False)
+            executor._pool = pool
+        self._pools.clear()
         if self._stores is not None:
             self._stores.restore()
 
@@ -647,8 +670,12 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Ta
         return
     for task in tasks:
         task.cancel()
-    if tasks and loop is not None and not loop.is_closed() and not loop.is_running():
-        loop.run_until_complete(asyncio.gather(*tasks, return_exceptions=True))
+    if tasks and not loop.is_running():
+        # Bounded in real time: a task that swallows CancelledError would wait forever.
+        stubborn = loop.run_until_complete(
+            _leftovers.cancel_within(tasks, _leftovers.CANCEL_GRACE)
+        )
+        _leftovers.close_by_force(loop, stubborn)
 
 
 def _runs(count: int) -> str:

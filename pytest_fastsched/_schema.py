@@ -56,6 +56,19 @@ SchemaHook = Callable[..., Sequence[object]]
 """``config.hook.pytest_fastsched_create_schema``: called with ``connection`` and ``dialect``."""
 
 
+def empty_metadata_message(path: str | None) -> str:
+    """Why a ``fastsched_metadata`` without tables creates no schema, and the fix."""
+    module = (path or "").partition(":")[0] or "the models module"
+    return (
+        f"fastsched_metadata = {path!r} has no tables: no model class was defined on it when "
+        f"the tests ran, so the modules that define the models were never imported (a "
+        f"MetaData fills up only as its model classes are imported; {module!r} may hold only "
+        f"Base). Import the model modules where the metadata lives (e.g. in the package's "
+        f"__init__.py) or in conftest.py, or point fastsched_metadata at a module that "
+        f"imports them."
+    )
+
+
 @dataclasses.dataclass(frozen=True)
 class Schema:
     """What the schema of the test database is built from: the settings and the app's objects."""
@@ -143,6 +156,9 @@ class Schema:
             raise failure(self._create_all_failure(error, engine.dialect.name)) from None
 
     def _create_tables(self, connection: Connection, metadata: MetaData) -> None:
+        ddl_only = bool(metadata.dispatch.before_create or metadata.dispatch.after_create)
+        if not metadata.tables and not ddl_only and not self._hook_implemented():
+            raise failure(empty_metadata_message(self.metadata_path))
         tables = self._selected_tables()
         if connection.dialect.name == "postgresql":
             for enum_type in _enum_types(tables, connection.dialect):

@@ -252,8 +252,7 @@ def _refusal(target: Target, call: str, test_database: Target | None) -> str:
 def _activity() -> str:
     run = current_run.get()
     if run is not None:
-        replica = f" on replica {run.replica}" if run.replica else ""
-        return f"job {run.job_id!r} (scheduled {run.scheduled.isoformat()}){replica}"
+        return run.describe()
     request = current_request.get()
     if request is not None:
         return request

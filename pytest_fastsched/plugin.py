@@ -7,12 +7,12 @@ imported here: APScheduler, SQLAlchemy and FastAPI only inside the fixtures that
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Generator, Iterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
 import pytest_asyncio
 
-from pytest_fastsched import _options, _reports
+from pytest_fastsched import _options, _reports, _wallclock
 
 if TYPE_CHECKING:
     import httpx
@@ -61,8 +61,9 @@ def pytest_collection_finish(session: pytest.Session) -> None:
 
 @pytest.hookimpl(optionalhook=True)
 def pytest_configure_node(node: Any) -> None:
-    """xdist controller: start the run's PostgreSQL server once and tell each worker of it."""
+    """xdist controller: check the scheduler, start the PostgreSQL server once, tell workers."""
     stash = node.config.stash
+    _options.check_scheduler_setting(stash[SETTINGS_KEY])  # a worker could not report it
     if stash[SETTINGS_KEY].database == "sqlite":
         return
     from pytest_fastsched._testdb import Controller
@@ -80,14 +81,17 @@ def pytest_unconfigure(config: pytest.Config) -> None:
 
 @pytest.hookimpl(wrapper=True)
 def pytest_runtest_call(item: pytest.Item) -> Generator[None, object, object]:
-    # A job that swallows every exception hides a refusal or guard error: fail the test; so
-    # does a marker the test applied after the plugin's fixtures read it.
     __tracebackhide__ = True
-    result = yield
-    errors = _guard_errors(item)
+    clock: VirtualClock | None = getattr(item, "funcargs", {}).get("fastsched_clock")
+    try:
+        result = yield
+    finally:  # before teardown, which may close the test's loop
+        if clock is not None:
+            clock.end_of_test()  # end the work the jobs left running
+    errors = _errors_beside_the_test(item)  # a job may have swallowed a guard error
     if errors:
         raise errors[0]
-    _options.check_marker_unchanged(item)
+    _options.check_marker_unchanged(item)  # a marker applied after the fixtures read it
     return result
 
 
@@ -97,7 +101,7 @@ def pytest_runtest_makereport(
 ) -> Generator[None, pytest.TestReport, pytest.TestReport]:
     report = yield
     seal = item.stash.get(SEAL_KEY, None)
-    errors = seal.first_seen(_guard_errors(item)) if seal is not None else []
+    errors = seal.first_seen(_errors_beside_the_test(item)) if seal is not None else []
     _reports.add_sections(report, item, call, item.config.stash[SETTINGS_KEY], errors)
     return report
 
@@ -107,15 +111,15 @@ def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Gen
     try:
         return (yield)
     except Exception as error:  # a fixture that imports the app while freezegun runs
-        from pytest_fastsched._wallclock import explain_frozen_import
-
-        explain_frozen_import(fixturedef.argname, error)
+        _wallclock.explain_frozen_import(fixturedef.argname, error)
         raise
 
 
-def _guard_errors(item: pytest.Item) -> list[BaseException]:
+def _errors_beside_the_test(item: pytest.Item) -> list[BaseException]:
     seal, database = item.stash.get(SEAL_KEY, None), item.stash.get(DATABASE_OF_TEST_KEY, None)
-    return [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
+    clock = (getattr(item, "funcargs", None) or {}).get("fastsched_clock")
+    errors = [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
+    return errors + (clock.leftovers if clock else [])
 
 
 def pytest_terminal_summary(
@@ -128,7 +132,6 @@ def pytest_terminal_summary(
 
 
 def settings_of(request: pytest.FixtureRequest) -> _options.Settings:
-    """The validated settings of this run."""
     return request.config.stash[SETTINGS_KEY]
 
 
@@ -164,8 +167,8 @@ def fastsched_clock(
 ) -> Iterator[VirtualClock]:
     """The virtual clock of this test: the wall clock (every thread) and the test's loop.
 
-    Time moves only inside ``advance()``, ``advance_to()``, ``jump()`` and
-    ``run_until_idle()``, which fire everything that falls due on the way.
+    Time moves only inside ``advance()``, ``advance_to()``, ``jump()``, ``run_until_idle()``
+    and the test's own ``await asyncio.sleep()``, firing everything that falls due.
     """
     from pytest_fastsched import _clock
 
@@ -188,7 +191,6 @@ def fastsched_scheduler(
 
     if settings_of(request).sessionmaker or settings_of(request).engine:
         request.getfixturevalue("fastsched_db")  # the app's jobs run on the test database
-
     engine = lambda: getattr(request.node.stash.get(DATABASE_OF_TEST_KEY, None), "engine", None)  # noqa: E731
     with _scheduler.for_test(
         request.node, settings_of(request), fastsched_clock, ReplicaSet, engine
@@ -197,11 +199,10 @@ def fastsched_scheduler(
 
 
 @pytest.fixture(autouse=True)
-def _fastsched_replicas(request: pytest.FixtureRequest) -> None:
-    """Run the replicas the ``fastsched`` marker asks for (``replicas=N``)."""
-    marked = request.node.get_closest_marker("fastsched") is not None
-    if marked and _options.marker_options(request.node).replicas > 1:
-        request.getfixturevalue("fastsched_scheduler")
+def _fastsched_implied(request: pytest.FixtureRequest) -> None:
+    """Set up the fixtures the test needs without naming them (``_options.implied``)."""
+    for name in _options.implied(request.node):
+        request.getfixturevalue(name)
 
 
 @pytest_asyncio.fixture
@@ -267,8 +268,7 @@ async def fastsched_client(
 @pytest.fixture
 def _fastsched_history_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
     """The test's ``fastsched_clock`` when it uses one: the history then reads virtual time."""
-    clock: VirtualClock | None = _if_used(request, "fastsched_clock")
-    return clock
+    return cast("VirtualClock | None", _if_used(request, "fastsched_clock"))
 
 
 @pytest_asyncio.fixture

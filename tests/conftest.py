@@ -64,6 +64,7 @@ expiring_session_factory = async_sessionmaker(engine)  # expire_on_commit=True
 sync_session_factory = sessionmaker()
 broken_metadata = MetaData()
 event.listen(broken_metadata, "after_create", DDL("THIS IS NOT SQL"))
+empty_metadata = MetaData()  # as when the module of the models is never imported
 
 
 @asynccontextmanager

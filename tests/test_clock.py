@@ -484,8 +484,41 @@ async def test_date_job_computed_from_the_real_clock_is_reported(
             lambda clock: clock.advance("5m"),
             "advance() takes a timedelta or a number of seconds, not '5m'",
         ),
+        (lambda clock: clock.advance(float("nan")), "advance(nan) needs a finite duration"),
+        (lambda clock: clock.advance(float("inf")), "advance(inf) needs a finite duration"),
+        (
+            lambda clock: clock.advance(minutes=float("inf")),
+            "advance(minutes=inf) needs a finite duration",
+        ),
+        (
+            lambda clock: clock.advance(days=10**9),
+            "advance(days=1000000000) is too long for a datetime",
+        ),
+        (
+            lambda clock: clock.advance(days=999_999_999),
+            "advance() would move time past 9999-12-31T23:59:59.999999+00:00, the last instant "
+            "a datetime can hold (now 2030-01-01T00:00:00+00:00)",
+        ),
+        (
+            lambda clock: clock.jump(-5),
+            "jump() needs a positive duration, got datetime.timedelta(days=-1, seconds=86395): "
+            "to run what is due now without moving time, await run_until_idle()",
+        ),
     ],
-    ids=["zero", "negative", "naive", "backwards", "both", "string"],
+    ids=[
+        "zero",
+        "negative",
+        "naive",
+        "backwards",
+        "both",
+        "string",
+        "nan",
+        "inf",
+        "inf-kw",
+        "overflow",
+        "past-max",
+        "jump-negative",
+    ],
 )
 async def test_bad_clock_calls_name_the_fix(
     fastsched_clock: VirtualClock, call, message: str
@@ -565,3 +598,60 @@ async def test_a_job_due_at_the_start_instant_fires_at_the_first_clock_call(
     assert scheduler.running
     await fastsched_clock.run_until_idle()
     assert fired == [START]
+
+
+async def test_a_sleep_in_the_test_moves_virtual_time_like_advance_to(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    ticks: list[dt.datetime] = []
+
+    async def tick() -> None:
+        ticks.append(dt.datetime.now(UTC))
+
+    scheduler.add_job(tick, "interval", minutes=1, id="tick")
+    started = time.monotonic()
+    await asyncio.sleep(600)
+    assert time.monotonic() - started < 5
+    assert fastsched_clock.now() == at(minute=10)
+    assert ticks == [at(minute=n) for n in range(1, 11)]  # the one due at 00:10 too
+    await fastsched_clock.advance(seconds=1)
+    assert fastsched_clock.now() == at(minute=10, second=1)
+
+
+@pytest.mark.skipif(not hasattr(asyncio, "timeout"), reason="asyncio.timeout: Python 3.11+")
+async def test_timeouts_in_the_test_expire_in_virtual_time(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness
+) -> None:
+    with pytest.raises((asyncio.TimeoutError, TimeoutError)):
+        await asyncio.wait_for(asyncio.Event().wait(), timeout=300)
+    assert fastsched_clock.now() == at(minute=5)
+    with pytest.raises(TimeoutError):
+        async with asyncio.timeout(60):
+            await asyncio.Event().wait()
+    assert fastsched_clock.now() == at(minute=6)
+
+
+async def test_a_test_woken_before_its_timer_stops_time_there(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    event = asyncio.Event()
+
+    async def release() -> None:
+        event.set()
+
+    scheduler.add_job(release, "date", run_date=at(minute=5), id="release")
+    await asyncio.wait_for(event.wait(), timeout=3600)
+    await fastsched_clock.advance(seconds=1)
+    assert fastsched_clock.now() == at(minute=5, second=1)
+
+
+async def test_a_job_error_during_the_tests_sleep_is_raised_at_the_sleep(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    async def boom() -> None:
+        raise ValueError("boom")
+
+    scheduler.add_job(boom, "date", run_date=at(minute=5), id="boom")
+    with pytest.raises(JobRunError, match="job 'boom'"):
+        await asyncio.sleep(3600)
+    assert fastsched_clock.now() == at(minute=5)

@@ -298,8 +298,8 @@ def test_the_helpers_insert_fetch_and_read_columns(
     result.stdout.fnmatch_lines(
         [
             "E   LookupError: fastsched_db: the test database has no table 'no_such_table' "
-            "(tables: extra, items). Set fastsched_metadata to the app's MetaData so the "
-            "schema is created."
+            "(tables: extra, items). fastsched_metadata = 'app:Base.metadata' does not define "
+            "it either (its tables: items): check the name, or import the module of its model."
         ]
     )
 

@@ -57,6 +57,12 @@ BAD_INPUT = {
         "fastsched_metadata = 'app:Base' is the class app.Base, not a sqlalchemy.MetaData: "
         "point it at the app's MetaData, e.g. 'app.models:Base.metadata'.",
     ),
+    "empty MetaData": (
+        "--fastsched-metadata=app:empty_metadata",
+        "fastsched_metadata = 'app:empty_metadata' has no tables: no model class was defined "
+        "on it when the tests ran, so the modules that define the models were never imported "
+        "*. Import the model modules where the metadata lives *",
+    ),
     "create_all fails": (
         "--fastsched-metadata=app:broken_metadata",
         "fastsched_metadata = 'app:broken_metadata': create_all() failed on *: *Error: "
@@ -74,6 +80,52 @@ def test_bad_input_fails_each_database_test_with_its_fix(
     result = db_suite.runpytest_inprocess(option)
     result.assert_outcomes(errors=2)
     result.stdout.fnmatch_lines([message, message])
+
+
+DISK_FULL = """
+import pytest
+from sqlalchemy import text
+
+import app
+
+
+async def fill():
+    for n in range(500):
+        async with app.get_background_session() as session:
+            await session.execute(text("INSERT INTO blobs VALUES (randomblob(4000))"))
+
+
+@pytest.mark.asyncio
+async def test_disk_full(fastsched_db):
+    async with fastsched_db.connection() as connection:
+        await connection.exec_driver_sql("CREATE TABLE blobs (b BLOB)")
+        await connection.exec_driver_sql("PRAGMA max_page_count = 60")
+    try:
+        await fill()
+    except Exception:
+        pass  # jobs catch every exception: the guard still fails the test
+
+
+@pytest.mark.asyncio
+async def test_after(fastsched_db):
+    assert await fastsched_db.fetch("items") == []
+"""
+
+
+def test_a_full_disk_names_the_cause_not_the_lost_savepoint(
+    make_db_suite: Callable[[str], pytest.Pytester],
+) -> None:
+    pytester = make_db_suite("sqlite")
+    pytester.makepyfile(test_disk=DISK_FULL)
+    result = pytester.runpytest_inprocess("-p", "no:randomly")
+    result.assert_outcomes(failed=1, passed=1)
+    result.stdout.fnmatch_lines(
+        [
+            "E *DatabaseGuardError: fastsched_db: the database failed with 'database or disk "
+            "is full' (in 'INSERT INTO blobs VALUES (randomblob(4000))') and SQLite then rolled "
+            "back the test's whole transaction by itself*"
+        ]
+    )
 
 
 def test_an_unreachable_server(

@@ -284,24 +284,42 @@ def test_command_line_beats_ini(pytester: pytest.Pytester) -> None:
     [
         (
             "nowhere.app:scheduler",
-            "E*UsageError: fastsched_scheduler = 'nowhere.app:scheduler': cannot import "
+            "ERROR: fastsched_scheduler = 'nowhere.app:scheduler': cannot import "
             "module 'nowhere.app' (No module named 'nowhere'). Check the path and that the app "
             "is importable from the test run's rootdir.",
         ),
         (
             "app_scheduler:sched",
-            "E*UsageError: fastsched_scheduler = 'app_scheduler:sched': module "
+            "ERROR: fastsched_scheduler = 'app_scheduler:sched': module "
             "'app_scheduler' has no attribute 'sched'. Check the name after the ':'.",
         ),
+        (
+            "app_scheduler:background",
+            "ERROR: fastsched_scheduler = 'app_scheduler:background' needs an apscheduler "
+            "AsyncIOScheduler, got apscheduler.schedulers.background.BackgroundScheduler: jobs "
+            "of a BackgroundScheduler or BlockingScheduler run on their own threads and real "
+            "time. Create the app's scheduler as AsyncIOScheduler().",
+        ),
     ],
-    ids=["module", "attribute"],
+    ids=["module", "attribute", "background"],
 )
-def test_unresolvable_scheduler_path(pytester: pytest.Pytester, path: str, message: str) -> None:
+@pytest.mark.parametrize("xdist", [(), ("-p", "xdist", "-n", "2")], ids=["one-process", "xdist"])
+def test_a_bad_scheduler_is_one_usage_error(
+    pytester: pytest.Pytester, path: str, message: str, xdist: tuple[str, ...]
+) -> None:
     _ini(pytester, f"fastsched_scheduler = {path}")
-    pytester.makepyfile(test_user=FIRES.replace("import app_scheduler", ""))
-    result = pytester.runpytest_subprocess()
-    result.assert_outcomes(errors=1)
-    result.stdout.fnmatch_lines([message])
+    pytester.makepyfile(
+        app_scheduler=SCHEDULER_MODULE
+        + "\nfrom apscheduler.schedulers.background import BackgroundScheduler\n"
+        "background = BackgroundScheduler()\n"
+    )
+    second = FIRES.replace("def test_fires", "def test_fires_again")
+    pytester.makepyfile(test_user=FIRES.replace("import app_scheduler", "") + second)
+    result = pytester.runpytest_subprocess(*xdist)
+    assert result.ret == pytest.ExitCode.USAGE_ERROR
+    result.stderr.fnmatch_lines([message])
+    assert sum(line.startswith("ERROR: fastsched") for line in result.stderr.lines) == 1
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from pytest_fastsched import SchedulerHarness, VirtualClock
 from pytest_fastsched._clock import ClockError
 from pytest_fastsched._postgres import EphemeralPostgres
+from pytest_fastsched._records import RunRef
 
 UTC = dt.timezone.utc
 START = dt.datetime(2030, 1, 1, tzinfo=UTC)
@@ -69,6 +70,14 @@ async def test_removed_jobs_leave_every_replica_and_errors_name_the_replica(
     scheduler.remove_job("fail")
     await fastsched_clock.advance(minutes=10)
     assert len(fastsched_scheduler.runs_of("fail")) == 2
+
+
+def test_a_job_run_is_named_with_its_replica() -> None:
+    (five,) = minutes(5)
+    assert RunRef("fail", five).describe() == "job 'fail' (scheduled 2030-01-01T00:05:00+00:00)"
+    assert RunRef("fail", five, replica=1).describe() == (
+        "job 'fail' (scheduled 2030-01-01T00:05:00+00:00) on replica 1"
+    )
 
 
 MARKERS = """

@@ -1,0 +1,187 @@
+"""Job threads: the threads that run a test's sync work, made so that they can be stopped.
+
+A sync job runs in a thread: APScheduler's thread pools run it there, and so does the loop's
+default executor (``AsyncIOExecutor``'s sync jobs, ``run_in_executor(None, ...)``,
+``asyncio.to_thread``). A thread of a ``concurrent.futures.ThreadPoolExecutor`` that never
+returns (``while True: pass``, a loop that polls the wall clock, frozen under virtual time)
+hangs the session twice: the loop's close joins its default executor, and the interpreter's
+exit joins every pool thread. While a clock is attached, that work runs on
+:class:`JobThreads` instead: daemon threads, one per call, that know which job each one runs
+and can be stopped by raising :class:`JobStopped` in them.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures
+import ctypes
+import datetime as dt
+import threading
+import time
+import weakref
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from pytest_fastsched._records import RunRef, current_run
+
+
+class JobStopped(BaseException):
+    """Raised by the watchdog inside job code that never lets the clock move on.
+
+    A ``BaseException``, so that a job's ``except Exception`` does not swallow it. It ends a
+    thread that never returns and a coroutine that blocks the event loop; the watchdog's
+    failure tells what it was doing.
+    """
+
+
+def raise_in_thread(ident: int | None, exc_type: type[BaseException] | None) -> bool:
+    """Raise ``exc_type`` in the thread ``ident`` at its next bytecode (``None`` clears it).
+
+    CPython's ``PyThreadState_SetAsyncExc``, as pytest-timeout's thread method uses: it
+    interrupts pure-Python code (``while True: pass``, a ``time.sleep(0.1)`` polling loop) but
+    not a call blocked in C code, which only sees the exception when it returns.
+    """
+    if ident is None or not hasattr(ctypes, "pythonapi"):
+        return False
+    # Untyped arguments: None passes NULL, which clears a pending exception.
+    exc = None if exc_type is None else ctypes.py_object(exc_type)
+    return int(ctypes.pythonapi.PyThreadState_SetAsyncExc(ctypes.c_ulong(ident), exc)) == 1
+
+
+def describe_call(fn: Callable[..., Any], args: tuple[Any, ...]) -> str:
+    """What a job thread runs, for messages: the job run, or the function and its job run.
+
+    Called where the work is submitted, in the context of the code that submits it: the job
+    run (``current_run``) is the one that starts the work.
+    """
+    run = current_run.get()
+    if _is_apscheduler_run_job(fn) and args:
+        job_id, run_times = getattr(args[0], "id", None), args[2] if len(args) > 2 else []
+        if run is not None and run.job_id == job_id:
+            return run.describe()
+        if run_times:
+            return RunRef(str(job_id), run_times[0].astimezone(dt.timezone.utc)).describe()
+    name = getattr(fn, "__qualname__", None) or repr(fn)
+    return name if run is None else f"{name} started by {run.describe()}"
+
+
+def _is_apscheduler_run_job(fn: Callable[..., Any]) -> bool:
+    module, name = getattr(fn, "__module__", ""), getattr(fn, "__name__", "")
+    return bool(module == "apscheduler.executors.base" and name == "run_job")
+
+
+class Labelled:
+    """A call and what it runs, for :class:`JobThreads` (see :func:`describe_call`)."""
+
+    def __init__(self, fn: Callable[..., Any], label: str) -> None:
+        self.fn = fn
+        self.label = label
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.fn(*args, **kwargs)
+
+
+class JobThreads(concurrent.futures.Executor):
+    """Runs each call on a daemon thread of its own, at most ``max_workers`` at once.
+
+    A thread that never returns then blocks neither the loop's close nor the interpreter's
+    exit, and :meth:`stop` ends one that runs Python code. ``running`` maps each thread that
+    runs a call to what it runs.
+    """
+
+    def __init__(self, name: str, max_workers: int | None = None) -> None:
+        self._name = name
+        self._slots = threading.BoundedSemaphore(max_workers) if max_workers else None
+        self._lock = threading.Lock()
+        self._count = 0
+        self._shutdown = False
+        self.pending = 0
+        """Calls submitted and not finished: real work in flight for the clock."""
+        self.running: dict[threading.Thread, str] = {}
+        self._stopped: set[threading.Thread] = set()
+        self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+    def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future."""
+        with self._lock:
+            if self._shutdown:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            self._count += 1
+            self.pending += 1
+            number = self._count
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        label = fn.label if isinstance(fn, Labelled) else describe_call(fn, args)
+        thread = threading.Thread(
+            target=self._work,
+            args=(future, fn, args, kwargs, label),
+            name=f"{self._name}_{number}",
+            daemon=True,
+        )
+        self._threads.add(thread)
+        thread.start()
+        return future
+
+    def _work(
+        self,
+        future: concurrent.futures.Future[Any],
+        fn: Callable[..., Any],
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        label: str,
+    ) -> None:
+        thread = threading.current_thread()
+        try:
+            if self._slots is not None:
+                self._slots.acquire()
+            try:
+                if not future.set_running_or_notify_cancel():
+                    return
+                with self._lock:
+                    self.running[thread] = label
+                try:
+                    outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
+                except BaseException as error:
+                    outcome = (False, error)
+                with self._lock:
+                    del self.running[thread]
+                    if thread in self._stopped:
+                        raise_in_thread(thread.ident, None)  # not delivered yet: drop it
+                if outcome[0]:
+                    future.set_result(outcome[1])
+                else:
+                    future.set_exception(outcome[1])
+            finally:
+                if self._slots is not None:
+                    self._slots.release()
+        except JobStopped as stopped:  # delivered just as the call returned
+            if not future.done():
+                future.set_exception(stopped)
+        finally:
+            with self._lock:
+                self.pending -= 1
+
+    def stop(self, thread: threading.Thread) -> bool:
+        """Raise :class:`JobStopped` in ``thread`` if it still runs a call."""
+        with self._lock:
+            if thread not in self.running:
+                return False
+            self._stopped.add(thread)
+            return raise_in_thread(thread.ident, JobStopped)
+
+    def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
+        """Take no more calls; with ``wait``, join the threads that were not stopped."""
+        with self._lock:
+            self._shutdown = True
+            threads = [thread for thread in self._threads if thread not in self._stopped]
+        if wait:
+            for thread in threads:
+                if thread is not threading.current_thread():
+                    thread.join()
+
+
+def stop_threads(executors: Iterable[JobThreads], grace: float) -> None:
+    """Stop every thread of ``executors`` still running a call; wait ``grace`` s for them."""
+    deadline = time.monotonic() + grace
+    for executor in executors:
+        for thread in list(executor.running):
+            executor.stop(thread)
+            thread.join(max(0.0, deadline - time.monotonic()))

@@ -1,0 +1,253 @@
+"""The watchdog: the real-time limit of one clock call, kept by a thread of its own.
+
+A clock call waits (in real time) for the work it can see in flight. The watchdog ends a wait
+that lasts longer than ``fastsched_watchdog`` seconds, whatever blocks it:
+
+- a thread that never returns (a sync job in ``while True: pass``, or polling the wall clock,
+  which stands still under virtual time): :func:`stop_threads` raises
+  :class:`~._threads.JobStopped` in it and tells where it was;
+- a coroutine that never awaits, so that the loop itself answers no poke for the whole limit
+  (an async job in ``while True: pass``): the watchdog's thread records the loop thread's
+  stack and raises :class:`~._threads.JobStopped` there, as pytest-timeout's thread method
+  dumps the stacks of a stuck test.
+
+The clock call then fails with what was found (``_clock.WatchdogTimeout``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import inspect
+import os
+import re
+import sys
+import threading
+import time
+import traceback
+from collections.abc import Callable, Iterable
+from types import FrameType
+from typing import Any
+
+from pytest_fastsched._threads import JobStopped, JobThreads, raise_in_thread
+
+TICK = 0.05
+"""How often (real seconds) a waiting clock call re-checks its watchdog."""
+STOP_GRACE = 1.0
+"""Real seconds the watchdog waits for a stopped thread to end before leaving it behind."""
+# Tries at interrupting a blocked loop: a coroutine that catches JobStopped gets two more.
+_MAX_INTERRUPTS = 3
+
+WALL_CLOCK_HINT = (
+    "Under virtual time the wall clock (datetime.now(), time.time()) stands still except "
+    "inside fastsched_clock calls, in every thread: a loop that waits for the wall clock to "
+    "pass a deadline never ends. Wait with asyncio.sleep() in an async job (virtual time), or "
+    "measure real time with time.monotonic()."
+)
+_WALL_CLOCK_READ = re.compile(r"\b(?:now|utcnow|today|time|time_ns)\(\)|\.now\(")
+_PACKAGE = os.path.dirname(os.path.abspath(__file__)).replace("\\", "/") + "/"
+# The code that calls user code: threads, executors, the event loop, APScheduler, the plugin.
+_MACHINERY = (
+    "/threading.py",
+    "/selectors.py",
+    "/concurrent/futures/",
+    "/asyncio/",
+    "/apscheduler/executors/",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Blocked:
+    """What the watchdog found blocking the event loop, and whether it could interrupt it."""
+
+    what: str
+    stack: list[str]
+    interrupted: bool
+
+    def details(self) -> list[str]:
+        """The lines of the watchdog's failure that tell about it."""
+        outcome = (
+            "interrupted it (JobStopped raised in it)"
+            if self.interrupted
+            else "could not interrupt it"
+        )
+        return [
+            f"The event loop was blocked by {self.what}, which ran without awaiting for the "
+            f"whole limit; the watchdog {outcome}. It was at:",
+            *(f"    {line}" for line in self.stack),
+            "An async job must await to let other work run: do blocking work in "
+            "asyncio.to_thread(), and wait with asyncio.sleep().",
+        ]
+
+
+class Watchdog:
+    """The real-time limit of one clock call.
+
+    Its thread pokes the loop every tick so that waits re-check the limit
+    (:meth:`wake_on_tick`). When the loop answers no poke for the whole limit, the same user
+    frame blocking it at two ticks in a row, the watchdog raises
+    :class:`~._threads.JobStopped` in the loop's thread (at most three times) and keeps what
+    it found in ``blocked``; ``describe_task`` names the task that ran there.
+    """
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        seconds: float,
+        describe_task: Callable[[asyncio.Task[Any] | None], str],
+    ) -> None:
+        self.seconds = seconds
+        self.deadline = time.monotonic() + seconds
+        self.blocked: Blocked | None = None
+        self._loop = loop
+        self._loop_thread = threading.get_ident()
+        self._describe_task = describe_task
+        self._seen = time.monotonic()
+        self._suspect: FrameType | None = None
+        self._interrupts = 0
+        self._stop = threading.Event()
+        self._waiter: asyncio.Future[None] | None = None
+        self._thread = threading.Thread(target=self._run, name="fastsched-watchdog", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.wait(TICK):
+            if time.monotonic() - self._seen > self.seconds:
+                self._interrupt_loop()
+            try:
+                self._loop.call_soon_threadsafe(self._poke)
+            except RuntimeError:
+                return
+
+    def _poke(self) -> None:
+        self._seen = time.monotonic()
+        waiter = self._waiter
+        if waiter is not None and not waiter.done():
+            waiter.set_result(None)
+
+    def _interrupt_loop(self) -> None:
+        """The loop has not run a callback for the whole limit: stop what blocks it."""
+        frame = sys._current_frames().get(self._loop_thread)
+        if frame is None or self._stop.is_set() or self._interrupts >= _MAX_INTERRUPTS:
+            return
+        stack = user_stack(frame, limit=12)
+        if not stack:  # in the loop's own machinery, not in user code: not blocked by it
+            self._seen = time.monotonic()
+            return
+        # Only a frame seen blocking at two ticks in a row: the exception must not land in
+        # whatever the loop runs next if the blocking code just returned.
+        anchor = _outermost_user_frame(frame)
+        suspect, self._suspect = self._suspect, anchor
+        if suspect is not anchor:
+            return
+        task = asyncio.current_task(self._loop)
+        interrupted = raise_in_thread(self._loop_thread, JobStopped)
+        self._interrupts += 1
+        self._seen = time.monotonic()  # another limit before trying again
+        if self.blocked is None:
+            self.blocked = Blocked(self._describe_task(task), stack, interrupted)
+
+    def expired(self) -> bool:
+        """Whether the limit has passed without progress, or the loop was found blocked."""
+        return self.blocked is not None or time.monotonic() > self.deadline
+
+    def progress(self) -> None:
+        """Time moved on: the limit starts again."""
+        self.deadline = time.monotonic() + self.seconds
+
+    def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
+        """Resolve ``waiter`` at the next tick, so that a waiting clock call re-checks."""
+        self._waiter = waiter
+
+    def stop(self) -> None:
+        """End the watchdog's thread."""
+        self._stop.set()
+        self._thread.join()
+
+
+def stop_threads(executors: Iterable[JobThreads]) -> list[str]:
+    """Stop the threads of ``executors`` still running calls; describe each, and where it was.
+
+    A thread blocked in C code (a lock, a socket without timeout) cannot be stopped: it is
+    left running as a daemon thread, and the lines say so. When the code of a stopped thread
+    reads the wall clock, the lines end with :data:`WALL_CLOCK_HINT`.
+    """
+    frames = sys._current_frames()
+    found = [
+        (executor, thread, label)
+        for executor in executors
+        for thread, label in list(executor.running.items())
+    ]
+    lines: list[str] = []
+    polls = False
+    for executor, thread, label in found:
+        frame = frames.get(thread.ident or 0)
+        stack = user_stack(frame) if frame is not None else []
+        polls = polls or (frame is not None and _reads_wall_clock(frame))
+        executor.stop(thread)
+        thread.join(STOP_GRACE)
+        outcome = (
+            "stopped (JobStopped raised in it)"
+            if not thread.is_alive()
+            else "could not be stopped (blocked outside Python code); left running as a "
+            "daemon thread"
+        )
+        lines.append(f"Thread {thread.name} running {label}: {outcome}. It was at:")
+        lines.extend(f"    {line}" for line in stack)
+    if polls:
+        lines.append(WALL_CLOCK_HINT)
+    return lines
+
+
+def user_stack(frame: FrameType, limit: int = 8) -> list[str]:
+    """The formatted frames of ``frame``'s stack from the user code that the machinery
+    (threads, executors, the event loop, this plugin) called, down to ``frame``."""
+    entries = traceback.extract_stack(frame)
+    start, in_user_code = 0, False
+    for index, entry in enumerate(entries):
+        machinery = _is_machinery_file(entry.filename)
+        if machinery and not in_user_code:
+            start = index + 1
+        elif not machinery and start:
+            in_user_code = True
+    shown: list[traceback.FrameSummary | None] = list(entries[start:])
+    if len(shown) > limit:
+        shown = [*shown[:2], None, *shown[-(limit - 2) :]]
+    return [
+        part
+        for entry in shown
+        for part in (
+            ["  ..."] if entry is None else traceback.format_list([entry])[0].rstrip().split("\n")
+        )
+    ]
+
+
+def _is_machinery_file(filename: str) -> bool:
+    filename = filename.replace("\\", "/")
+    return filename.startswith(_PACKAGE) or any(part in filename for part in _MACHINERY)
+
+
+def _outermost_user_frame(frame: FrameType) -> FrameType:
+    """The frame of user code that the machinery called (e.g. the job's coroutine)."""
+    outermost = frame
+    current: FrameType | None = frame
+    while current is not None and not _is_machinery_file(current.f_code.co_filename):
+        outermost, current = current, current.f_back
+    return outermost
+
+
+def _reads_wall_clock(frame: FrameType) -> bool:
+    """Whether user code on ``frame``'s stack reads the wall clock (a look at its source)."""
+    current: FrameType | None = frame
+    while current is not None:
+        filename = current.f_code.co_filename.replace("\\", "/")
+        library = "site-packages/" in filename or "/lib/python" in filename
+        if not library and not _is_machinery_file(filename):
+            try:
+                source = inspect.getsource(current.f_code)
+            except (OSError, TypeError):
+                source = ""
+            if _WALL_CLOCK_READ.search(source):
+                return True
+        current = current.f_back
+    return False
