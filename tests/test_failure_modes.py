@@ -52,6 +52,7 @@ import json
 import os
 import threading
 import time
+import warnings
 
 import pytest
 
@@ -89,6 +90,16 @@ def pytest_unconfigure(config):
     for thread in threading.enumerate():
         if thread is not threading.main_thread():
             thread.join(2)
+    # Some pytest-asyncio releases (1.0 to 1.2 with pytest 8.2) leave a fresh event loop set
+    # as the current loop after the last test; it is theirs, not the plugin's: close it.
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            current = asyncio.get_event_loop()
+        except RuntimeError:
+            current = None
+    if current is not None and not current.is_running():
+        current.close()
     fds = set(os.listdir("/proc/self/fd")) - config.fds_at_start
     left = {
         "threads": sorted(
