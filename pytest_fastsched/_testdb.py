@@ -29,7 +29,7 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -40,7 +40,7 @@ from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import NullPool
 
-from pytest_fastsched import _options, _postgres, _schema
+from pytest_fastsched import _dbclock, _options, _postgres, _schema
 from pytest_fastsched._options import describe, failure
 
 RUN_ID_INPUT = "fastsched_run_id"
@@ -93,10 +93,12 @@ class _SqliteLocation:
         self.directory = Path(tempfile.mkdtemp(prefix="pytest-fastsched-sqlite-"))
         self.url = f"sqlite+aiosqlite:///{self.directory / 'test.db'}"
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         engine = create_engine(self.url, poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         finally:
             await engine.dispose()
 
@@ -113,14 +115,14 @@ class _PostgresLocation:
         self.name = f"fastsched_{run_id}_{worker}".lower()
         self.url = _with_database(admin_url, self.name)
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         admin = _admin_engine(self.admin_url)
         try:
             connection = await _connect(admin)
             try:
                 await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
                 await _drop_stale_databases(connection)
-                await self._create_template(connection, schema)
+                await self._create_template(connection, schema, clock)
                 await connection.exec_driver_sql(
                     f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
                 )
@@ -130,7 +132,12 @@ class _PostgresLocation:
         finally:
             await admin.dispose()
 
-    async def _create_template(self, admin: AsyncConnection, schema: _schema.Schema) -> None:
+    async def _create_template(
+        self,
+        admin: AsyncConnection,
+        schema: _schema.Schema,
+        clock: _dbclock.DatabaseClock | None,
+    ) -> None:
         exists = await admin.scalar(
             text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.template}
         )
@@ -141,6 +148,8 @@ class _PostgresLocation:
         engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         except BaseException:
             await engine.dispose()
             await _drop_database(admin, self.template)
@@ -317,6 +326,10 @@ class TestDatabase:
         self._engine_options_source: object = None
         self.engine_options: dict[str, Any] = {}
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
+        self.database_clock = (
+            _dbclock.DatabaseClock(self.dialect) if settings.database_clock == "virtual" else None
+        )
+        """The database's clock, unless ``fastsched_database_clock = real``."""
 
     async def create(self) -> None:
         """Resolve the app's metadata and engine options, then create the database."""
@@ -335,7 +348,7 @@ class TestDatabase:
             self.engine_options = _check_engine_options(
                 self._engine_options_source, self.settings.engine_options, location.url
             )
-        await location.create(self.schema)
+        await location.create(self.schema, self.database_clock)
         await self.seeds.snapshot(await self.engine())
 
     def _resolve_app(self) -> None:
@@ -402,13 +415,27 @@ class TestDatabase:
         return entry.engine
 
     def _create_test_engine(self) -> AsyncEngine:
+        clock, options = self.database_clock, self.engine_options
+        if clock is not None:
+            options = clock.engine_options(options)
         try:
-            return create_engine(self.url, **self.engine_options)
+            engine = create_engine(self.url, **options)
         except (TypeError, ValueError, ArgumentError) as error:
             raise failure(
                 f"fastsched_engine_options = {self.settings.engine_options!r}: "
                 f"create_async_engine() rejected the options: {type(error).__name__}: {error}"
             ) from None
+        if clock is not None:
+            clock.listen(engine)
+        return engine
+
+    @contextlib.contextmanager
+    def following(self, clock: _dbclock.Instant | None) -> Iterator[None]:
+        """The database reads ``clock``'s instant while the block runs (``None``, or
+        ``fastsched_database_clock = real``: the server's clock)."""
+        following = self.database_clock.follow(clock) if self.database_clock else None
+        with following or contextlib.nullcontext():
+            yield
 
     async def _dispose_at_loop_end(
         self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine
@@ -455,6 +482,8 @@ class TestDatabase:
                 location.drop(template=self._owner)
         if self._server is not None:
             self._server.stop()
+        if self.database_clock is not None:
+            self.database_clock.close()
 
 
 def _check_metadata(metadata: object, path: str) -> MetaData:
