@@ -30,7 +30,7 @@ import shutil
 import socket
 import tempfile
 import threading
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -42,7 +42,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 from sqlalchemy.util.queue import Empty
 
-from pytest_fastsched import _options, _postgres, _schema
+from pytest_fastsched import _dbclock, _options, _postgres, _schema
 from pytest_fastsched._options import describe, failure
 
 RUN_ID_INPUT = "fastsched_run_id"
@@ -244,10 +244,12 @@ class _SqliteLocation:
         self.directory = Path(tempfile.mkdtemp(prefix="pytest-fastsched-sqlite-"))
         self.url = f"sqlite+aiosqlite:///{self.directory / 'test.db'}"
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         engine = create_engine(self.url, poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         finally:
             await engine.dispose()
 
@@ -264,14 +266,14 @@ class _PostgresLocation:
         self.name = f"fastsched_{run_id}_{worker}".lower()
         self.url = _with_database(admin_url, self.name)
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         admin = _admin_engine(self.admin_url)
         try:
             connection = await _connect(admin)
             try:
                 await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
                 await _drop_stale_databases(connection)
-                await self._create_template(connection, schema)
+                await self._create_template(connection, schema, clock)
                 await connection.exec_driver_sql(
                     f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
                 )
@@ -281,7 +283,12 @@ class _PostgresLocation:
         finally:
             await admin.dispose()
 
-    async def _create_template(self, admin: AsyncConnection, schema: _schema.Schema) -> None:
+    async def _create_template(
+        self,
+        admin: AsyncConnection,
+        schema: _schema.Schema,
+        clock: _dbclock.DatabaseClock | None,
+    ) -> None:
         exists = await admin.scalar(
             text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.template}
         )
@@ -292,6 +299,8 @@ class _PostgresLocation:
         engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         except BaseException:
             await engine.dispose()
             await _drop_database(admin, self.template)
@@ -469,6 +478,10 @@ class TestDatabase:
         self.engine_options: dict[str, Any] = {}
         self._engine: AsyncEngine | None = None
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
+        self.database_clock = (
+            _dbclock.DatabaseClock(self.dialect) if settings.database_clock == "virtual" else None
+        )
+        """The database's clock, unless ``fastsched_database_clock = real``."""
 
     async def create(self) -> None:
         """Resolve the app's metadata and engine options, then create the database."""
@@ -487,7 +500,7 @@ class TestDatabase:
             self.engine_options = _check_engine_options(
                 self._engine_options_source, self.settings.engine_options, location.url
             )
-        await location.create(self.schema)
+        await location.create(self.schema, self.database_clock)
         await self.seeds.snapshot(await self.engine())
 
     def _resolve_app(self) -> None:
@@ -570,13 +583,27 @@ class TestDatabase:
         return self._engine
 
     def _create_test_engine(self, options: Mapping[str, Any]) -> AsyncEngine:
+        clock = self.database_clock
+        if clock is not None:
+            options = clock.engine_options(options)
         try:
-            return create_engine(self.url, **options)
+            engine = create_engine(self.url, **options)
         except (TypeError, ValueError, ArgumentError) as error:
             raise failure(
                 f"fastsched_engine_options = {self.settings.engine_options!r}: "
                 f"create_async_engine() rejected the options: {type(error).__name__}: {error}"
             ) from None
+        if clock is not None:
+            clock.listen(engine)
+        return engine
+
+    @contextlib.contextmanager
+    def following(self, clock: _dbclock.Instant | None) -> Iterator[None]:
+        """The database reads ``clock``'s instant while the block runs (``None``, or
+        ``fastsched_database_clock = real``: the server's clock)."""
+        following = self.database_clock.follow(clock) if self.database_clock else None
+        with following or contextlib.nullcontext():
+            yield
 
     async def _release_at_loop_end(
         self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine
@@ -626,6 +653,8 @@ class TestDatabase:
                 location.drop(template=self._owner)
         if self._server is not None:
             self._server.stop()
+        if self.database_clock is not None:
+            self.database_clock.close()
 
 
 async def _release(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
