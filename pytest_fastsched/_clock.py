@@ -2,8 +2,9 @@
 
 The wall clock (``datetime.now()``, ``datetime.utcnow()``, ``time.time()``, in every thread)
 is patched by a pluggable backend (freezegun or time-machine). The event loop's clock is
-patched on the loop instance only: ``time.monotonic`` is never patched globally, because that
-hangs asyncio and every ``threading`` timeout.
+patched on the loop instance only: a virtual ``time.monotonic`` for everyone would hang
+asyncio and every ``threading`` timeout, so it reads virtual time only inside job runs
+(:mod:`._jobtime`).
 
 Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
 :meth:`VirtualClock.jump`, :meth:`VirtualClock.run_until_idle` and, while a request of the
@@ -33,7 +34,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_fastsched import _leftovers, _threads, _watchdog
+from pytest_fastsched import _jobtime, _leftovers, _threads, _watchdog
 from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import make_wall_clock
@@ -137,8 +138,9 @@ class _LoopPatch:
                 executor = clock.default_executor()
                 call = _threads.Labelled(call, _threads.describe_call(func, args))
             future = original_run_in_executor(executor, call, *args)
-            inflight.enter()
-            future.add_done_callback(lambda _: inflight.exit())
+            if not isinstance(executor, _threads.JobThreads):  # those count their own work
+                inflight.enter()
+                future.add_done_callback(lambda _: inflight.exit())
             return future
 
         def create_task(coro: Any, **kwargs: Any) -> Any:
@@ -309,8 +311,9 @@ class VirtualClock:
                     "from the test's own loop"
                 )
             return
-        self._loop_patch = _LoopPatch(loop, self)
+        patch = self._loop_patch = _LoopPatch(loop, self)
         self._io_counter = _IoCounter(self.inflight)
+        _jobtime.install(_jobtime.JobTime(loop, lambda: patch.loop_time, self.poke))
         for callback in self._on_attach:
             callback(loop)
 
@@ -348,6 +351,7 @@ class VirtualClock:
             self._io_counter.restore()
             self._io_counter = None
         if self._loop_patch is not None:
+            _jobtime.uninstall()
             self._loop_patch.restore()
             self._loop_patch = None
         if self._started:
@@ -387,7 +391,7 @@ class VirtualClock:
 
     def thread_executor(self, name: str, max_workers: int | None = None) -> _threads.JobThreads:
         """A :class:`~._threads.JobThreads` the watchdog watches, shut down with the clock."""
-        executor = _threads.JobThreads(name, max_workers)
+        executor = _threads.JobThreads(name, max_workers, on_change=self.poke)
         self._executors.append(executor)
         return executor
 
@@ -398,8 +402,9 @@ class VirtualClock:
     def poke(self) -> None:
         """Wake a clock call that waits for busy work; safe from any thread."""
         loop = self.loop
-        if loop is not None and not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake_waiter)
+        if loop is not None:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake_waiter)
 
     def _wake_waiter(self) -> None:
         waiter = self.inflight.waiter
