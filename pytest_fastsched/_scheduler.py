@@ -36,7 +36,7 @@ from pytest_fastsched import _asserts, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
-from pytest_fastsched._threads import JobStopped
+from pytest_fastsched._threads import JobStopped, JobThreads
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
@@ -520,7 +520,11 @@ class SchedulerHarness:
         job = self.scheduler.get_job(job_id)
         if job is None:
             return 0
-        return int(not isinstance(self.scheduler._executors.get(job.executor), AsyncIOExecutor))
+        executor = self.scheduler._executors.get(job.executor)
+        # A pool on JobThreads counts its own work: a job sleeping in it holds none.
+        if isinstance(getattr(executor, "_pool", None), JobThreads):
+            return 0
+        return int(not isinstance(executor, AsyncIOExecutor))
 
     def _on_finished(self, event: Any, ev: Any) -> None:
         scheduled = _utc(event.scheduled_run_time)

@@ -13,13 +13,15 @@ and can be stopped by raising :class:`JobStopped` in them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import ctypes
 import datetime as dt
+import functools
 import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pytest_fastsched._records import RunRef, current_run
 
@@ -80,16 +82,33 @@ class Labelled:
         return self.fn(*args, **kwargs)
 
 
+class Parking:
+    """One sleep of a job thread in virtual time: while parked, it holds no work in flight."""
+
+    def __init__(self) -> None:
+        self.state: Literal["new", "parked", "awake"] = "new"
+
+
+_current = threading.local()
+
+
 class JobThreads(concurrent.futures.Executor):
     """Runs each call on a daemon thread of its own, at most ``max_workers`` at once.
 
     A thread that never returns then blocks neither the loop's close nor the interpreter's
     exit, and :meth:`stop` ends one that runs Python code. ``running`` maps each thread that
-    runs a call to what it runs.
+    runs a call to what it runs. ``on_change`` is called (in the thread) whenever ``pending``
+    drops: the clock waiting for the work wakes up.
     """
 
-    def __init__(self, name: str, max_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_workers: int | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self._name = name
+        self._on_change = on_change
         self._slots = threading.BoundedSemaphore(max_workers) if max_workers else None
         self._lock = threading.Lock()
         self._count = 0
@@ -101,7 +120,11 @@ class JobThreads(concurrent.futures.Executor):
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future."""
+        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future.
+
+        The call runs in a copy of the caller's context, as ``asyncio.to_thread`` does: a job
+        run's thread knows its run (``current_run``).
+        """
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -110,9 +133,10 @@ class JobThreads(concurrent.futures.Executor):
             number = self._count
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         label = fn.label if isinstance(fn, Labelled) else describe_call(fn, args)
+        call = functools.partial(contextvars.copy_context().run, fn)
         thread = threading.Thread(
             target=self._work,
-            args=(future, fn, args, kwargs, label),
+            args=(future, call, args, kwargs, label),
             name=f"{self._name}_{number}",
             daemon=True,
         )
@@ -137,10 +161,13 @@ class JobThreads(concurrent.futures.Executor):
                     return
                 with self._lock:
                     self.running[thread] = label
+                _current.executor = self
                 try:
                     outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
                 except BaseException as error:
                     outcome = (False, error)
+                finally:
+                    _current.executor = None
                 with self._lock:
                     del self.running[thread]
                     if thread in self._stopped:
@@ -158,6 +185,34 @@ class JobThreads(concurrent.futures.Executor):
         finally:
             with self._lock:
                 self.pending -= 1
+            if self._on_change is not None:
+                self._on_change()
+
+    @staticmethod
+    def of_this_thread() -> JobThreads | None:
+        """The executor whose call the current thread runs, or ``None``."""
+        executor: JobThreads | None = getattr(_current, "executor", None)
+        return executor
+
+    def park(self, parking: Parking) -> None:
+        """The thread sleeps in virtual time: its call no longer counts as work in flight.
+
+        Does nothing when the sleep has ended already (:meth:`unpark` came first).
+        """
+        with self._lock:
+            if parking.state != "new":
+                return
+            parking.state = "parked"
+            self.pending -= 1
+        if self._on_change is not None:
+            self._on_change()
+
+    def unpark(self, parking: Parking) -> None:
+        """The sleep is over (or the thread was stopped): the call is work in flight again."""
+        with self._lock:
+            if parking.state == "parked":
+                self.pending += 1
+            parking.state = "awake"
 
     def stop(self, thread: threading.Thread) -> bool:
         """Raise :class:`JobStopped` in ``thread`` if it still runs a call."""
