@@ -62,7 +62,8 @@ _IO_TARGETS = (
     ("aiosqlite.core", "Connection._execute"),
 )
 # The async functions that wait for a socket (see _network): httpx's transport (httpcore),
-# asyncio's streams, and every connect on asyncio's own loops.
+# aiohttp's client (its connector, the response's head and body), asyncio's streams, and
+# every connect on asyncio's own loops.
 _NETWORK_TARGETS = (
     ("httpcore._backends.anyio", "AnyIOBackend.connect_tcp"),
     ("httpcore._backends.anyio", "AnyIOBackend.connect_unix_socket"),
@@ -72,6 +73,9 @@ _NETWORK_TARGETS = (
     ("asyncio.streams", "StreamReader._wait_for_data"),
     ("asyncio.streams", "StreamWriter.drain"),
     ("asyncio.selector_events", "BaseSelectorEventLoop.sock_connect"),
+    ("aiohttp.connector", "BaseConnector.connect"),
+    ("aiohttp.streams", "DataQueue.read"),
+    ("aiohttp.streams", "StreamReader._wait"),
 )
 # Target modules that their packages import on first use (httpx imports httpcore when a
 # client is made, httpcore its backend on the first connection): imported, to be wrapped,

@@ -1,7 +1,7 @@
 """Network I/O a job awaits holds virtual time, at real pace, on both wall-clock backends.
 
 A real local HTTP server (its own event loop in a thread) answers after 0.3 real seconds,
-or never; the jobs call it with httpx and with asyncio's streams.
+or never; the jobs call it with httpx, aiohttp and asyncio's streams.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ import datetime as dt
 import threading
 from collections.abc import Iterator
 
+import aiohttp
 import httpx
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -135,6 +136,26 @@ async def test_an_asyncio_stream_read_gets_its_answer(
     (run,) = fastsched_scheduler.runs_of("call")
     assert (run.outcome, run.retval) == ("success", RESPONSE)
     assert run.finished == run.started
+
+
+async def test_an_aiohttp_call_with_a_timeout_gets_its_answer(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler, slow_server
+) -> None:
+    ticks: list[dt.datetime] = []
+
+    async def call() -> str:
+        timeout = aiohttp.ClientTimeout(total=10)
+        async with aiohttp.ClientSession(timeout=timeout) as session:
+            response = await session.get(slow_server.url)
+            return await response.text()
+
+    scheduler.add_job(call, "date", run_date=AT + dt.timedelta(seconds=1), id="call")
+    add_ticks(scheduler, ticks)
+    await fastsched_clock.advance(minutes=2)
+    (run,) = fastsched_scheduler.runs_of("call")
+    assert (run.outcome, run.retval) == ("success", "ok")
+    assert run.finished == run.started == AT + dt.timedelta(seconds=1)  # time held
+    assert ticks == [AT + dt.timedelta(seconds=5 * n) for n in range(-11, 13)]
 
 
 @pytest.mark.fastsched(job_errors="record")
