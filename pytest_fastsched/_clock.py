@@ -57,7 +57,14 @@ _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "_ensure_sync_result"),
     ("sqlalchemy.ext.asyncio.session", "_ensure_sync_result"),
     ("aiosqlite.core", "Connection._execute"),
+    # anyio's worker threads (anyio.to_thread.run_sync, Starlette's run_in_threadpool, FastAPI's
+    # sync endpoints and dependencies) hand their result back with call_soon_threadsafe, not
+    # through loop.run_in_executor: only the coroutine that awaits the thread can be counted.
+    ("anyio._backends._asyncio", "AsyncIOBackend.run_sync_in_worker_thread"),
 )
+# Imported before wrapping, when installed: anyio loads its backend on first use, which may be
+# inside a job, after the clock call that would have wrapped it began.
+_IO_IMPORTS = ("anyio._backends._asyncio",)
 
 
 class ClockError(Exception):
@@ -207,8 +214,13 @@ class _IoCounter:
 
     def install(self) -> None:
         """Wrap the targets imported so far; called again before each clock call."""
+        import importlib
         import sys
 
+        for module_name in _IO_IMPORTS:
+            if module_name not in sys.modules:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module_name)
         for module_name, path in _IO_TARGETS:
             owner: Any = sys.modules.get(module_name)
             *parents, name = path.split(".")
@@ -217,8 +229,13 @@ class _IoCounter:
             original = getattr(owner, name, None)
             if original is None or getattr(original, "_fastsched", False):
                 continue
-            setattr(owner, name, self._counting(original, self._inflight))
-            self._patched.append((owner, name, original))
+            # A classmethod is wrapped as one (its function), and put back as it was.
+            raw = vars(owner).get(name, original) if isinstance(owner, type) else original
+            wrapped: Any = self._counting(original, self._inflight)
+            if isinstance(raw, classmethod):
+                wrapped = classmethod(self._counting(raw.__func__, self._inflight))
+            setattr(owner, name, wrapped)
+            self._patched.append((owner, name, raw))
 
     @staticmethod
     def _counting(original: Callable[..., Awaitable[Any]], inflight: _Inflight) -> Any:

@@ -13,6 +13,7 @@ APScheduler's code runs unmodified: its trigger math, misfire grace, coalescing,
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -30,7 +31,7 @@ from pytest_fastsched import _asserts, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
-from pytest_fastsched._threads import JobStopped
+from pytest_fastsched._threads import JobStopped, JobThreads
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
@@ -164,6 +165,10 @@ class SchedulerHarness:
         self._expectations: list[_Expectation] = []
         self._stores: _JobStores | None = None
         self._thread_jobs = 0
+        """Runs handed to a thread pool and not finished: work in flight for the clock."""
+        self._thread_runs: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
+        self._opened: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
+        self._manual_submit = False
         self._labelled: list[Any] = []
         self._pools: list[tuple[Any, Any]] = []
         clock.add_check(self._raise_job_errors)
@@ -244,40 +249,91 @@ class SchedulerHarness:
         self._held = False
 
     def _label_runs(self) -> None:
-        """Submit each job run with ``current_run`` set, so the run's task inherits it."""
+        """Submit each job run with ``current_run`` set, so the run's task inherits it.
+
+        A run given to a thread pool is opened (and counted as work in flight) before the
+        pool gets it: a fast job's EVENT_JOB_EXECUTED, sent from the pool's thread, may come
+        before the scheduler sends EVENT_JOB_SUBMITTED.
+        """
+        from apscheduler.executors.asyncio import AsyncIOExecutor
+
         for alias, executor in self.scheduler._executors.items():
             self._watch_pool(alias, executor)
             if "_do_submit_job" in vars(executor):
                 continue
             submit = executor._do_submit_job
+            threaded = not isinstance(executor, AsyncIOExecutor)
 
-            def labelled(job: Any, run_times: list[dt.datetime], submit: Any = submit) -> Any:
-                token = current_run.set(RunRef(job.id, _utc(run_times[0]), self.replica))
+            def labelled(
+                job: Any,
+                run_times: list[dt.datetime],
+                submit: Any = submit,
+                threaded: bool = threaded,
+            ) -> Any:
+                keys = [(job.id, _utc(run_time)) for run_time in run_times]
+                opened = self._open_thread_runs(keys) if threaded else []
+                token = current_run.set(RunRef(job.id, keys[0][1], self.replica))
                 try:
                     return submit(job, run_times)
+                except BaseException as error:
+                    self._not_submitted(keys if threaded else [], opened, error)
+                    raise
                 finally:
                     current_run.reset(token)
 
             executor._do_submit_job = labelled
             self._labelled.append(executor)
 
+    def _open_thread_runs(self, keys: list[tuple[str, dt.datetime]]) -> list[JobRun]:
+        now = self.clock.now()
+        opened = []
+        with self._lock:
+            for key in keys:
+                self._thread_runs[key] += 1
+                self._thread_jobs += 1
+                if not self._manual_submit:  # run_job() opened its run itself
+                    opened.append(JobRun(key[0], key[1], now, replica=self.replica))
+                    self._opened[key] += 1
+            self.runs.extend(opened)
+        return opened
+
+    def _not_submitted(
+        self, keys: list[tuple[str, dt.datetime]], opened: list[JobRun], error: BaseException
+    ) -> None:
+        """The executor refused the run: a job error, where APScheduler only logs it."""
+        with self._lock:
+            for key in keys:
+                self._thread_jobs -= _decrement(self._thread_runs, key)
+                _decrement(self._opened, key)
+            for run in opened:
+                run.finished, run.outcome = self.clock.now(), "error"
+                run.exception = JobRunError(
+                    f"job {run.job_id!r} could not be given to its executor: "
+                    f"{type(error).__name__}: {error}"
+                )
+
     def _watch_pool(self, alias: str, executor: Any) -> None:
         """Run an APScheduler thread pool's jobs on threads the watchdog can stop.
 
         A job thread of a ``concurrent.futures.ThreadPoolExecutor`` that never returns is
         joined at interpreter exit, so the session could never end. The pool is swapped for
-        a :class:`~._threads.JobThreads` of the same size during the test, then put back.
+        a :class:`~._threads.JobThreads` of the same size during the test, then put back; the
+        app's own pool is never shut down by the test. A scheduler shut down and started again
+        during the test (the app's lifespan under ``fastsched_client``) gets fresh threads:
+        APScheduler's ``start()`` does not renew a pool its ``shutdown()`` closed.
         """
         import concurrent.futures
 
         from apscheduler.executors.pool import BasePoolExecutor
 
         pool = getattr(executor, "_pool", None)
+        if any(watched is executor for watched, _ in self._pools):
+            if isinstance(pool, JobThreads) and pool.is_shut_down:
+                executor._pool = self.clock.thread_executor(f"fastsched-{alias}", pool.max_workers)
+            return
         if not isinstance(executor, BasePoolExecutor) or not isinstance(
             pool, concurrent.futures.ThreadPoolExecutor
         ):
-            return
-        if any(watched is executor for watched, _ in self._pools):
             return
         executor._pool = self.clock.thread_executor(
             f"fastsched-{alias}", getattr(pool, "_max_workers", None)
@@ -359,18 +415,10 @@ class SchedulerHarness:
 
     def _on_submitted(self, event: Any) -> None:
         now = self.clock.now()
-        threaded = self._runs_on_thread_pool(event.job_id)
         for scheduled in event.scheduled_run_times:
+            if _decrement(self._opened, (event.job_id, _utc(scheduled))):
+                continue  # opened when it was given to its thread pool
             self.runs.append(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
-            self._thread_jobs += threaded
-
-    def _runs_on_thread_pool(self, job_id: str) -> int:
-        from apscheduler.executors.asyncio import AsyncIOExecutor
-
-        job = self.scheduler.get_job(job_id)
-        if job is None:
-            return 0
-        return int(not isinstance(self.scheduler._executors.get(job.executor), AsyncIOExecutor))
 
     def _on_finished(self, event: Any) -> None:
         from apscheduler import events as ev
@@ -380,8 +428,7 @@ class SchedulerHarness:
         if run is None:
             run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
-        elif run.started is not None and self._thread_jobs and not run.manual:
-            self._thread_jobs -= self._runs_on_thread_pool(event.job_id)
+        self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
         run.finished = self.clock.now()
         if event.code == ev.EVENT_JOB_MISSED:
             run.outcome, run.started = "missed", None
@@ -524,6 +571,7 @@ class SchedulerHarness:
         run = JobRun(job_id, _utc(now), _utc(now), manual=True)
         with self._lock:
             self.runs.append(run)
+        self._manual_submit = True
         try:
             self.scheduler._lookup_executor(job.executor).submit_job(job, [now])
         except MaxInstancesReachedError:
@@ -532,6 +580,11 @@ class SchedulerHarness:
                 f"run_job({job_id!r}): {job.max_instances} instance(s) of the job are already "
                 f"running (max_instances={job.max_instances})"
             ) from None
+        except BaseException:
+            self.runs.remove(run)
+            raise
+        finally:
+            self._manual_submit = False
         await self.clock.run_until_idle()
         return run
 
@@ -676,6 +729,16 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Ta
             _leftovers.cancel_within(tasks, _leftovers.CANCEL_GRACE)
         )
         _leftovers.close_by_force(loop, stubborn)
+
+
+def _decrement(counter: collections.Counter[Any], key: Any) -> bool:
+    """Take one off ``counter[key]`` if it is positive; whether it was."""
+    if counter[key] <= 0:
+        return False
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
+    return True
 
 
 def _runs(count: int) -> str:

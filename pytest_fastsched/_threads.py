@@ -13,8 +13,10 @@ and can be stopped by raising :class:`JobStopped` in them.
 from __future__ import annotations
 
 import concurrent.futures
+import contextvars
 import ctypes
 import datetime as dt
+import functools
 import threading
 import time
 import weakref
@@ -90,6 +92,7 @@ class JobThreads(concurrent.futures.Executor):
 
     def __init__(self, name: str, max_workers: int | None = None) -> None:
         self._name = name
+        self.max_workers = max_workers
         self._slots = threading.BoundedSemaphore(max_workers) if max_workers else None
         self._lock = threading.Lock()
         self._count = 0
@@ -100,8 +103,17 @@ class JobThreads(concurrent.futures.Executor):
         self._stopped: set[threading.Thread] = set()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
 
+    @property
+    def is_shut_down(self) -> bool:
+        """Whether :meth:`shutdown` was called: it takes no more calls."""
+        return self._shutdown
+
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future."""
+        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future.
+
+        The call runs in a copy of the submitter's context, as ``asyncio.to_thread`` does:
+        a thread-pool job knows its job run (``current_run``).
+        """
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
@@ -110,9 +122,10 @@ class JobThreads(concurrent.futures.Executor):
             number = self._count
         future: concurrent.futures.Future[Any] = concurrent.futures.Future()
         label = fn.label if isinstance(fn, Labelled) else describe_call(fn, args)
+        call = functools.partial(contextvars.copy_context().run, fn)
         thread = threading.Thread(
             target=self._work,
-            args=(future, fn, args, kwargs, label),
+            args=(future, call, args, kwargs, label),
             name=f"{self._name}_{number}",
             daemon=True,
         )

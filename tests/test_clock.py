@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from pytest_fastsched import JobRunError, SchedulerHarness, VirtualClock
 from pytest_fastsched._clock import ClockError, WatchdogTimeout
+from pytest_fastsched._records import RunRef, current_run
 from pytest_fastsched._scheduler import FastschedWarning
 
 pytestmark = pytest.mark.asyncio
@@ -292,6 +293,23 @@ async def test_sync_jobs_see_virtual_time_and_advance_waits_for_them(
     assert [now for now, _ in seen] == [at(minute=1), at(minute=2), at(minute=3)]
     assert all(name != threading.main_thread().name for _, name in seen)
     fastsched_scheduler.assert_ran("sync", times=3)
+
+
+async def test_a_thread_pool_job_knows_its_run_inside_its_thread(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    # What the history stamps on a row written by the job: the job run, in the job's thread.
+    seen: list[RunRef | None] = []
+    scheduler.add_executor(ThreadPoolExecutor(2), "threads")
+    scheduler.add_job(
+        lambda: seen.append(current_run.get()),
+        "interval",
+        minutes=1,
+        id="sync",
+        executor="threads",
+    )
+    await fastsched_clock.advance(minutes=2)
+    assert seen == [RunRef("sync", at(minute=1)), RunRef("sync", at(minute=2))]
 
 
 async def test_job_exception_is_raised_at_its_instant_and_stops_time(
