@@ -26,6 +26,7 @@ import contextlib
 import contextvars
 import datetime as dt
 import functools
+import heapq
 import inspect
 import math
 from collections.abc import Awaitable, Callable, Iterator
@@ -174,17 +175,37 @@ class _LoopPatch:
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.origin_loop_time + (now_us - self.origin_us) / _US
         if timer_when is not None:
+            self._pull_back_timers(computed, now_us)
             # The loop runs a timer only when ``when < time() + clock_resolution``; far from
-            # zero a float cannot hold that sum, so step one float past the timer instead.
-            computed = max(computed, math.nextafter(timer_when, math.inf))
+            # zero a float cannot hold that sum, so step one float past the instant instead.
+            computed = math.nextafter(computed, math.inf)
         self.loop_time = computed
 
+    def _pull_back_timers(self, computed: float, now_us: int) -> None:
+        """Move the timers that fall at the microsecond ``now_us`` back onto it.
+
+        Their ``when`` may lie a little past it: a float error, a sub-microsecond delay, or
+        a timer armed on the real clock before the clock attached. Moving the loop's clock
+        past them instead would leave it off the microsecond grid, and every timer armed
+        from it next (APScheduler's wake-up) a microsecond late, past an advance() target.
+        """
+        scheduled = self.loop._scheduled  # type: ignore[attr-defined]
+        pulled = False
+        for handle in scheduled:
+            if handle._when > computed and self.us_of_loop_time(handle._when) <= now_us:
+                handle._when = computed
+                pulled = True
+        if pulled:
+            heapq.heapify(scheduled)
+
     def us_of_loop_time(self, when: float) -> int:
-        exact = self.origin_us + (when - self.origin_loop_time) * _US
-        nearest = round(exact)
+        # Relative to the origin: the microsecond count of a 2030 instant (about 1.9e15) is a
+        # float only to a quarter of a microsecond.
+        offset = (when - self.origin_loop_time) * _US
+        nearest = round(offset)
         # APScheduler computes its wake-up delay from float timestamps, so its timers land
         # within a fraction of a microsecond of the exact fire time: snap to it.
-        return nearest if abs(exact - nearest) < 0.5 else math.ceil(exact)
+        return self.origin_us + (nearest if abs(offset - nearest) < 0.5 else math.ceil(offset))
 
     def restore(self) -> None:
         for name, saved in self._saved.items():

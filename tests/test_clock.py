@@ -312,6 +312,21 @@ async def test_a_thread_pool_job_knows_its_run_inside_its_thread(
     assert seen == [RunRef("sync", at(minute=1)), RunRef("sync", at(minute=2))]
 
 
+async def test_an_off_grid_timer_leaves_the_loop_clock_on_the_microsecond_grid(
+    fastsched_clock: VirtualClock,
+) -> None:
+    # A timer armed between two virtual microseconds (on the real clock, before the clock
+    # attached): when it fires, the loop's clock must stay on the grid, or the next timer
+    # armed from it (APScheduler's wake-up) rounds to a microsecond past the advance() target.
+    loop = asyncio.get_running_loop()
+    origin = loop.time()
+    seen: list[float] = []
+    loop.call_later(10.0000004, lambda: seen.append(loop.time() - origin))
+    await fastsched_clock.advance(seconds=20)
+    assert len(seen) == 1
+    assert abs(seen[0] - 10) < 1e-7
+
+
 async def test_job_exception_is_raised_at_its_instant_and_stops_time(
     fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
 ) -> None:
