@@ -18,9 +18,12 @@ import contextlib
 import copy
 import dataclasses
 import datetime as dt
+import functools
 import inspect
+import os
 import re
 import threading
+import traceback
 import warnings
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
@@ -31,7 +34,7 @@ from pytest_fastsched import _asserts, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
-from pytest_fastsched._threads import JobStopped, JobThreads
+from pytest_fastsched._threads import JobStopped
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
@@ -169,6 +172,7 @@ class SchedulerHarness:
         self._thread_runs: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
         self._opened: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
         self._manual_submit = False
+        self._internal_start = False
         self._labelled: list[Any] = []
         self._pools: list[tuple[Any, Any]] = []
         clock.add_check(self._raise_job_errors)
@@ -186,10 +190,13 @@ class SchedulerHarness:
         """
         from apscheduler.events import EVENT_ALL
 
+        if self.scheduler is scheduler:
+            return  # taken over when the app started it
         if self.scheduler is not None:
             raise ClockError("fastsched_scheduler is already attached to a scheduler")
         check_scheduler(scheduler, "fastsched_scheduler")
         self.scheduler = scheduler
+        scheduler._fastsched_harness = self
         self._stores = _JobStores(scheduler)
         for job in self._all_jobs():
             self._check_job(job)
@@ -197,6 +204,10 @@ class SchedulerHarness:
         scheduler.add_listener(self._on_event, EVENT_ALL)
         self.clock.on_drive(self._release)
         self.clock.on_attach(self._on_loop)
+        if self.clock.loop is None and self.autostart and scheduler.state == _stopped():
+            # Fixtures run before the test's loop is known: start it now, paused at the
+            # virtual start, so that set-up code sees it running (job.next_run_time).
+            self._start_pending(app_paused=False)
         if self.replica_count > 1:
             self.use_replicas(self.replica_count, engine=self._replica_engine)
 
@@ -228,7 +239,13 @@ class SchedulerHarness:
 
         scheduler = self.scheduler
         previous = scheduler._eventloop
-        if scheduler.state != STATE_STOPPED and (previous is None or previous.is_closed()):
+        if isinstance(previous, _PendingLoop):
+            # Started (paused) before the test's loop was known: move it onto that loop.
+            for holder in [scheduler, *scheduler._executors.values()]:
+                if getattr(holder, "_eventloop", None) is previous:
+                    holder._eventloop = loop
+            previous.hand_over(loop)
+        elif scheduler.state != STATE_STOPPED and (previous is None or previous.is_closed()):
             # Left running by an earlier test whose loop is gone: reset it.
             scheduler.state = STATE_STOPPED
             scheduler._timeout = None
@@ -238,8 +255,59 @@ class SchedulerHarness:
                 # Paused until the first clock call: a job due at the start instant fires
                 # inside that call, not at whatever the test awaits first.
                 self._held = not self.clock.driving
-                scheduler.start(paused=self._held)
+                self._start_internally(paused=self._held)
         self._label_runs()
+
+    def _start_internally(self, *, paused: bool) -> None:
+        self._internal_start = True
+        try:
+            self.scheduler.start(paused=paused)
+        finally:
+            self._internal_start = False
+
+    def _start_pending(self, *, app_paused: bool) -> None:
+        """Start the scheduler paused, on a stand-in loop until the test's loop attaches."""
+        from apscheduler.schedulers.base import BaseScheduler
+
+        self.scheduler._eventloop = _PendingLoop()
+        # AsyncIOScheduler.start() would ask for the running loop: there is none yet.
+        BaseScheduler.start(self.scheduler, paused=True)
+        self._held = not app_paused
+
+    def app_start(self, scheduler: Any, paused: bool, start: Callable[..., Any]) -> Any:
+        """``scheduler.start(paused)`` called by the app (or a fixture) during the test.
+
+        A scheduler started while the test runs is taken under the harness when the harness
+        has none yet (an app that builds its scheduler in its lifespan). Until the first
+        clock call it stays paused at the virtual start, as the harness's own start does;
+        inside a clock call (the lifespan under ``fastsched_client``) it starts as asked.
+        ``start`` is APScheduler's own ``AsyncIOScheduler.start``.
+        """
+        __tracebackhide__ = True
+        if self._internal_start:
+            return start(scheduler, paused)
+        if self.scheduler is None:
+            self.attach(scheduler)
+        elif scheduler is not self.scheduler:
+            warnings.warn(
+                FastschedWarning(_second_scheduler(scheduler, self.scheduler)), stacklevel=3
+            )
+            return start(scheduler, paused)
+        if scheduler.state != _stopped():
+            if self._held or isinstance(scheduler._eventloop, _PendingLoop):
+                # The harness started it (paused at the virtual start): the app takes it over.
+                self._held = self._held and not paused
+                return None
+            return start(scheduler, paused)  # APScheduler's own "already running" error
+        if not _loop_running() and (
+            scheduler._eventloop is None or scheduler._eventloop.is_closed()
+        ):
+            self._start_pending(app_paused=paused)  # a sync fixture: no loop yet
+            return None
+        if self.clock.driving or paused:
+            return start(scheduler, paused)
+        self._held = True
+        return start(scheduler, True)
 
     def _release(self) -> None:
         from apscheduler.schedulers.base import STATE_PAUSED
@@ -326,9 +394,9 @@ class SchedulerHarness:
 
         from apscheduler.executors.pool import BasePoolExecutor
 
-        pool = getattr(executor, "_pool", None)
+        pool: Any = getattr(executor, "_pool", None)
         if any(watched is executor for watched, _ in self._pools):
-            if isinstance(pool, JobThreads) and pool.is_shut_down:
+            if getattr(pool, "is_shut_down", False):  # the JobThreads given before
                 executor._pool = self.clock.thread_executor(f"fastsched-{alias}", pool.max_workers)
             return
         if not isinstance(executor, BasePoolExecutor) or not isinstance(
@@ -670,6 +738,8 @@ class SchedulerHarness:
             self._replica_set = None
         tasks = self._job_tasks()
         loop = scheduler._eventloop
+        if isinstance(loop, _PendingLoop):
+            loop = None  # the test's loop never came
         if loop is None or loop.is_closed():
             # The test's loop is gone (and its tasks with it): nothing left to cancel there.
             for executor in scheduler._executors.values():
@@ -681,6 +751,8 @@ class SchedulerHarness:
         scheduler._eventloop = None
         _finish_tasks(loop, tasks)
         scheduler.remove_listener(self._on_event)
+        if getattr(scheduler, "_fastsched_harness", None) is self:
+            del scheduler._fastsched_harness
         for executor in self._labelled:
             vars(executor).pop("_do_submit_job", None)
         self._labelled.clear()
@@ -704,18 +776,149 @@ def for_test(
 
     It drives the scheduler of the ``fastsched_scheduler`` setting, if any, and runs the
     replicas the marker asks for with ``replicas``; ``engine`` returns the test database's
-    engine, whose pool the replicas warm.
+    engine, whose pool the replicas warm. While it lives, the ``AsyncIOScheduler`` the app
+    starts goes through it (:func:`watch_starts`).
     """
     marker = marker_options(item)
     harness = SchedulerHarness(clock, job_errors=marker.job_errors, replicas=replicas)
+    # Under fastsched_client the app's lifespan starts the scheduler, as in production.
+    harness.autostart = "fastsched_client" not in getattr(item, "fixturenames", ())
     if settings.scheduler is not None:
         harness.attach(resolve(settings.scheduler, "fastsched_scheduler"))
     if marker.replicas > 1:
         harness.use_replicas(marker.replicas, engine=engine)
     try:
-        yield harness
+        with watch_starts(harness):
+            yield harness
     finally:
         harness.close()
+
+
+class _PendingLoop:
+    """Stands in for the test's event loop while fixtures run, before that loop is known.
+
+    A scheduler started (paused) on it adds jobs and computes their next run times as in
+    production; the calls it sends to its loop wait here and run on the test's loop when the
+    clock attaches to it.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any, **_: Any) -> None:
+        self._calls.append((callback, args))
+
+    call_soon = call_soon_threadsafe
+
+    def is_closed(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return False
+
+    def hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        calls, self._calls = self._calls, []
+        for callback, args in calls:
+            loop.call_soon(callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"the app's scheduler is not on an event loop yet (its loop's {name} was used "
+            f"from a sync fixture): it moves onto the test's loop when the test's coroutine "
+            f"starts; use it from an async fixture or the test"
+        )
+
+
+_WATCHERS: list[SchedulerHarness] = []
+_UNWATCHED_START: list[Callable[..., Any]] = []
+
+
+@contextlib.contextmanager
+def watch_starts(harness: SchedulerHarness) -> Iterator[None]:
+    """While the block runs, ``AsyncIOScheduler.start()`` goes through ``harness``.
+
+    Watched at class level, so that a scheduler the app builds and starts itself (in its
+    lifespan, with no module-level handle) is taken under the harness: see
+    :meth:`SchedulerHarness.app_start`. A scheduler another harness owns (a replica) starts
+    as APScheduler starts it.
+    """
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    if not _WATCHERS:
+        original = AsyncIOScheduler.start
+        _UNWATCHED_START.append(original)
+
+        @functools.wraps(original)
+        def start(scheduler: Any, paused: bool = False) -> Any:
+            __tracebackhide__ = True
+            watcher = _WATCHERS[-1] if _WATCHERS else None
+            if (
+                watcher is not None
+                and getattr(scheduler, "_fastsched_harness", watcher) is watcher
+            ):
+                return watcher.app_start(scheduler, paused, original)
+            return original(scheduler, paused)
+
+        AsyncIOScheduler.start = start
+    _WATCHERS.append(harness)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(harness)
+        if not _WATCHERS:
+            AsyncIOScheduler.start = _UNWATCHED_START.pop()
+
+
+def explain_start_without_loop(fixture: str, error: BaseException) -> None:
+    """Fail the set-up of ``fixture`` with the fix when it started a scheduler with no loop.
+
+    ``AsyncIOScheduler.start()`` in a sync fixture (there is no running loop yet) raises
+    APScheduler's bare ``RuntimeError: no running event loop``. Returns for other errors.
+    """
+    __tracebackhide__ = True
+    if not isinstance(error, RuntimeError) or "no running event loop" not in str(error):
+        return
+    frames = traceback.extract_tb(error.__traceback__)
+    if not any(
+        frame.name == "start" and frame.filename.endswith(_ASYNCIO_SCHEDULER) for frame in frames
+    ):
+        return
+    raise pytest.fail.Exception(
+        f"{fixture}: AsyncIOScheduler.start() was called with no running event loop (a sync "
+        "fixture runs before the test's loop). An AsyncIOScheduler runs on an event loop. "
+        f"Make {fixture} request fastsched_scheduler (or set fastsched_scheduler = "
+        "'module:attr'): under it, the app's scheduler is started paused at the virtual start "
+        "and moves onto the test's loop when the test starts. Or start it from an async "
+        "fixture (@pytest_asyncio.fixture) or from the app's lifespan under fastsched_client.",
+        pytrace=False,
+    ) from None
+
+
+_ASYNCIO_SCHEDULER = os.path.join("apscheduler", "schedulers", "asyncio.py")
+
+
+def _stopped() -> int:
+    from apscheduler.schedulers.base import STATE_STOPPED
+
+    return int(STATE_STOPPED)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _second_scheduler(started: Any, attached: Any) -> str:
+    return (
+        f"a second AsyncIOScheduler ({started!r}) was started during the test; "
+        f"fastsched_scheduler drives only the first ({attached!r}): the second one's runs "
+        f"are not recorded and its job errors are only logged. Drive the one the test is "
+        f"about: set fastsched_scheduler = 'module:attr' to it, or call "
+        f"fastsched_scheduler.attach(scheduler) before the app starts the other."
+    )
 
 
 def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Task[Any]]) -> None:

@@ -164,7 +164,7 @@ async def test_the_pool_works_after_each_shutdown(
 """
 
 
-def test_a_thread_pool_shut_down_by_the_app_runs_jobs_again_when_it_restarts(
+def test_a_thread_pool_shut_down_by_the_lifespan_runs_jobs_in_the_next_test(
     pytester: pytest.Pytester,
 ) -> None:
     # APScheduler's shutdown() closes its pools for good and start() makes no new ones: the
@@ -177,6 +177,36 @@ def test_a_thread_pool_shut_down_by_the_app_runs_jobs_again_when_it_restarts(
         test_app=THREAD_POOL_LIFESPAN_TESTS,
     )
     result.assert_outcomes(passed=4)
+
+
+THREAD_POOL_RESTART_TESTS = """
+import app
+
+
+async def test_the_pool_works_after_a_restart(fastsched_clock, fastsched_scheduler):
+    await fastsched_clock.advance(seconds=10)
+    app.scheduler.shutdown()
+    await fastsched_clock.run_until_idle()
+    app.scheduler.start()
+    app.scheduler.add_job(app.work, "interval", seconds=10, id="again")
+    await fastsched_clock.advance(seconds=10)
+    fastsched_scheduler.assert_ran("work", times=1)
+    fastsched_scheduler.assert_ran("again", times=1)
+"""
+
+
+def test_a_thread_pool_shut_down_by_the_app_runs_jobs_again_when_it_restarts_in_the_test(
+    pytester: pytest.Pytester,
+) -> None:
+    # The app's own shutdown() and start() inside the test: the restarted scheduler gets
+    # fresh threads too, and its new job runs on them.
+    result = _suite(
+        pytester,
+        "fastsched_scheduler = app:scheduler",
+        app=THREAD_POOL_APP,
+        test_app=THREAD_POOL_RESTART_TESTS,
+    )
+    result.assert_outcomes(passed=2)
 
 
 # -- worker threads a job waits for --------------------------------------------------------------
@@ -230,3 +260,277 @@ def test_worker_threads_a_job_waits_for_hold_the_clock(pytester: pytest.Pytester
     # without counting them, time jumped past the thread (a run stuck "running", 4 skipped).
     result = _suite(pytester, test_threads=WORKER_THREAD_TESTS)
     result.assert_outcomes(passed=6)
+
+
+# -- where the scheduler comes from ---------------------------------------------------------------
+
+LIFESPAN_APP = """
+from contextlib import asynccontextmanager
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from fastapi import FastAPI
+
+calls = []
+second = []
+
+
+async def sync_items():
+    calls.append(1)
+    if len(calls) == 2:
+        raise RuntimeError("remote service down")
+
+
+@asynccontextmanager
+async def lifespan(app):
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler.add_job(sync_items, "interval", minutes=5, id="sync")
+    scheduler.start()
+    app.state.scheduler = scheduler
+    if second:
+        other = AsyncIOScheduler(timezone="UTC")
+        other.start()
+    yield
+    scheduler.shutdown()
+
+
+app = FastAPI(lifespan=lifespan)
+"""
+
+LIFESPAN_TESTS = """
+import app
+
+
+async def test_runs_under_the_harness(fastsched_client, fastsched_clock, fastsched_scheduler):
+    app.calls.clear()
+    await fastsched_clock.advance(minutes=5)
+    assert fastsched_scheduler.scheduler is app.app.state.scheduler
+    fastsched_scheduler.assert_ran("sync", times=1)
+
+
+async def test_a_job_error_fails_the_test(fastsched_client, fastsched_clock):
+    app.calls.clear()
+    await fastsched_clock.advance(minutes=10)
+
+
+async def test_a_second_scheduler_is_named(fastsched_clock, fastsched_scheduler, fastsched_app):
+    from pytest_fastsched._client import open_client
+
+    app.second.append(1)
+    try:
+        async with open_client(fastsched_app, fastsched_clock, fastsched_scheduler):
+            pass
+    finally:
+        app.second.clear()
+"""
+
+
+def test_a_scheduler_built_and_started_in_the_lifespan_is_taken_under_the_harness(
+    pytester: pytest.Pytester,
+) -> None:
+    # No module-level handle to point fastsched_scheduler at: the AsyncIOScheduler the
+    # lifespan starts is attached, so its runs are recorded and its job errors fail the test
+    # (before, its jobs ran unrecorded and an error was only logged).
+    result = _suite(pytester, "fastsched_app = app:app", app=LIFESPAN_APP, test_app=LIFESPAN_TESTS)
+    result.assert_outcomes(passed=2, failed=4)
+    result.stdout.fnmatch_lines(
+        [
+            "*JobRunError: job 'sync' (scheduled 2030-01-01T00:10:00+00:00) raised "
+            "RuntimeError: remote service down"
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*FastschedWarning: a second AsyncIOScheduler (<*AsyncIOScheduler object at *>) "
+            "was started during the test; fastsched_scheduler drives only the first "
+            "(<*AsyncIOScheduler object at *>): the second one's runs are not recorded and its "
+            "job errors are only logged. Drive the one the test is about: set "
+            "fastsched_scheduler = 'module:attr' to it, or call "
+            "fastsched_scheduler.attach(scheduler) before the app starts the other."
+        ]
+    )
+
+
+SETUP_APP = """
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+scheduler = AsyncIOScheduler(timezone="UTC")
+fired = []
+
+
+async def job():
+    fired.append(1)
+
+
+def setup_jobs():
+    added = scheduler.add_job(job, "interval", seconds=30, id="job", replace_existing=True)
+    return added.next_run_time
+"""
+
+SETUP_HEAD = """
+import datetime as dt
+
+import pytest
+import pytest_asyncio
+
+import app
+
+START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+"""
+
+ASYNC_FIXTURE_TESTS = (
+    SETUP_HEAD
+    + """
+
+@pytest_asyncio.fixture
+async def started():
+    app.scheduler.start()
+    return app.setup_jobs()
+
+
+@pytest.mark.parametrize("n", range(60))
+async def test_started_in_an_async_fixture(started, fastsched_clock, fastsched_scheduler, n):
+    assert started == START + dt.timedelta(seconds=30)
+    await fastsched_clock.advance(seconds=30)
+    fastsched_scheduler.assert_ran("job", times=1)
+"""
+)
+
+
+def test_a_scheduler_the_app_starts_in_an_async_fixture_fires_on_time_every_time(
+    pytester: pytest.Pytester,
+) -> None:
+    # The app's start() finds the scheduler the harness started, paused at the virtual start:
+    # no timer is armed on the real clock before the test's loop joins virtual time (before,
+    # 1 to 3 of 60 such tests ran nothing in advance(seconds=30)).
+    result = _suite(
+        pytester,
+        "fastsched_scheduler = app:scheduler",
+        app=SETUP_APP,
+        test_app=ASYNC_FIXTURE_TESTS,
+    )
+    result.assert_outcomes(passed=120)
+
+
+SYNC_FIXTURE_TESTS = (
+    SETUP_HEAD
+    + """
+
+@pytest.fixture
+def started():
+    app.scheduler.start()
+    return app.setup_jobs()
+
+
+@pytest.fixture
+def set_up():
+    return app.setup_jobs()
+
+
+async def test_started_in_a_sync_fixture(started, fastsched_clock, fastsched_scheduler):
+    assert started == START + dt.timedelta(seconds=30)
+    await fastsched_clock.advance(seconds=30)
+    fastsched_scheduler.assert_ran("job", times=1)
+
+
+async def test_set_up_code_sees_a_running_scheduler(set_up, fastsched_clock, fastsched_scheduler):
+    assert set_up == START + dt.timedelta(seconds=30)
+    await fastsched_clock.advance(seconds=60)
+    fastsched_scheduler.assert_ran("job", times=2)
+"""
+)
+
+
+def test_set_up_code_in_sync_fixtures_finds_the_scheduler_running(
+    pytester: pytest.Pytester,
+) -> None:
+    # While fixtures run the scheduler is running, paused at the virtual start: the app's
+    # set-up code reads job.next_run_time and may call start() itself, as in production.
+    result = _suite(
+        pytester,
+        "fastsched_scheduler = app:scheduler",
+        app=SETUP_APP,
+        test_app=SYNC_FIXTURE_TESTS,
+    )
+    result.assert_outcomes(passed=4)
+
+
+START_WITHOUT_LOOP = """
+import pytest
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+
+@pytest.fixture
+def scheduler():
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler.start()
+    return scheduler
+
+
+async def test_start(scheduler, fastsched_clock):
+    pass
+
+
+@pytest.fixture
+def fixed(fastsched_scheduler):
+    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler.start()
+    scheduler.add_job(print, "interval", seconds=30, id="job")
+    return scheduler
+
+
+async def test_the_fix(fixed, fastsched_clock, fastsched_scheduler):
+    assert fastsched_scheduler.scheduler is fixed
+    await fastsched_clock.advance(seconds=30)
+    fastsched_scheduler.assert_ran("job", times=1)
+"""
+
+
+def test_a_start_with_no_running_loop_names_the_fix(pytester: pytest.Pytester) -> None:
+    result = _suite(pytester, test_start=START_WITHOUT_LOOP)
+    result.assert_outcomes(errors=2, passed=2)
+    result.stdout.fnmatch_lines(
+        [
+            "scheduler: AsyncIOScheduler.start() was called with no running event "
+            "loop (a sync fixture runs before the test's loop). An AsyncIOScheduler runs on an "
+            "event loop. Make scheduler request fastsched_scheduler (or set "
+            "fastsched_scheduler = 'module:attr'): under it, the app's scheduler is started "
+            "paused at the virtual start and moves onto the test's loop when the test starts. "
+            "Or start it from an async fixture (@pytest_asyncio.fixture) or from the app's "
+            "lifespan under fastsched_client."
+        ]
+    )
+
+
+CLOCK_ONLY_TESTS = (
+    SETUP_HEAD
+    + """
+
+async def test_the_clock_alone_fires_the_apps_jobs(fastsched_clock):
+    app.fired.clear()
+    app.setup_jobs()
+    await fastsched_clock.advance(seconds=60)
+    assert app.fired == [1, 1]
+
+
+@pytest.mark.fastsched(scheduler=False)
+async def test_opting_out(fastsched_clock):
+    app.fired.clear()
+    app.scheduler.add_job(app.job, "interval", seconds=30, id="job")
+    await fastsched_clock.advance(seconds=60)
+    assert app.fired == []
+    app.scheduler.remove_all_jobs()
+"""
+)
+
+
+def test_the_clock_alone_drives_the_configured_scheduler_unless_the_marker_opts_out(
+    pytester: pytest.Pytester,
+) -> None:
+    # Before, a test that asked only for fastsched_clock fired nothing, and passed.
+    result = _suite(
+        pytester,
+        "fastsched_scheduler = app:scheduler",
+        app=SETUP_APP,
+        test_app=CLOCK_ONLY_TESTS,
+    )
+    result.assert_outcomes(passed=4)
