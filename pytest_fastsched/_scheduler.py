@@ -413,7 +413,10 @@ class SchedulerHarness:
 
         An ``interval`` job added at import time starts counting from the real ``now``; under
         virtual time it would fire at odd offsets, so it starts counting from the virtual
-        start instead. Date jobs computed from the real clock are reported.
+        start instead. A first run given from the real clock (``next_run_time=
+        datetime.now()``, the "run once at start-up" idiom) is re-anchored too
+        (:meth:`_first_run_from_real_clock`). Date jobs computed from the real clock are
+        reported.
         """
         from apscheduler.triggers.date import DateTrigger
         from apscheduler.triggers.interval import IntervalTrigger
@@ -421,12 +424,14 @@ class SchedulerHarness:
         real_now = self.clock.real_start
         for job in self._all_jobs():
             trigger = job.trigger
+            given = getattr(job, "next_run_time", None)
             if isinstance(trigger, IntervalTrigger):
                 if _near(trigger.start_date, real_now, trigger.interval):
                     job.trigger = copy.copy(trigger)
                     job.trigger.start_date = self.clock.now() + trigger.interval
-                    if hasattr(job, "next_run_time"):
+                    if given is not None:
                         job.modify(next_run_time=job.trigger.start_date)
+                self._first_run_from_real_clock(job, given, trigger)
             elif isinstance(trigger, DateTrigger) and _near(
                 trigger.run_date, real_now, dt.timedelta(days=1)
             ):
@@ -439,6 +444,30 @@ class SchedulerHarness:
                     ),
                     stacklevel=2,
                 )
+            else:
+                self._first_run_from_real_clock(job, given, trigger)
+
+    def _first_run_from_real_clock(
+        self, job: Any, given: dt.datetime | None, original_trigger: Any
+    ) -> None:
+        """Move a first run given from the real clock to the same offset from the virtual start.
+
+        ``add_job(f, "interval", hours=1, next_run_time=datetime.now())`` at import runs
+        once when the app starts, then hourly: it runs at the virtual start; ``datetime.now()
+        + timedelta(minutes=5)`` runs five minutes after it. A paused job
+        (``next_run_time=None``) stays paused.
+        """
+        real_now = self.clock.real_start
+        if given is None or not _near(given, real_now, dt.timedelta(days=1)):
+            return
+        added = real_now
+        interval = getattr(original_trigger, "interval", None)
+        if interval is not None and _near(original_trigger.start_date, real_now, interval):
+            added = original_trigger.start_date - interval  # when the job was added
+        # To the second: the app's two now() calls (the first run, the trigger's start) are
+        # microseconds apart.
+        offset = dt.timedelta(seconds=max(0, round((given - added).total_seconds())))
+        job.modify(next_run_time=self.clock.now() + offset)
 
     def _check_job(self, job: Any) -> None:
         from apscheduler.executors.asyncio import AsyncIOExecutor

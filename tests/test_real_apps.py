@@ -534,3 +534,57 @@ def test_the_clock_alone_drives_the_configured_scheduler_unless_the_marker_opts_
         test_app=CLOCK_ONLY_TESTS,
     )
     result.assert_outcomes(passed=4)
+
+
+# -- the "run at start-up" idiom ------------------------------------------------------------------
+
+STARTUP_APP = """
+import datetime as dt
+
+from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+scheduler = AsyncIOScheduler(timezone="UTC")
+
+
+async def refresh():
+    pass
+
+
+now = dt.datetime.now(dt.timezone.utc)
+scheduler.add_job(refresh, "interval", hours=1, next_run_time=now, id="refresh")
+scheduler.add_job(refresh, "cron", minute=30, next_run_time=now, id="cron")
+scheduler.add_job(
+    refresh, "interval", hours=1, next_run_time=now + dt.timedelta(minutes=5), id="later"
+)
+scheduler.add_job(refresh, "interval", hours=1, next_run_time=None, id="paused")
+"""
+
+STARTUP_TESTS = """
+import datetime as dt
+
+START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
+HOUR = dt.timedelta(hours=1)
+
+
+async def test_runs_at_start_up_then_on_schedule(fastsched_clock, fastsched_scheduler):
+    await fastsched_clock.advance(hours=2)
+    fastsched_scheduler.assert_ran("refresh", at=[START, START + HOUR, START + 2 * HOUR])
+    fastsched_scheduler.assert_ran(
+        "cron", at=[START, START + HOUR / 2, START + HOUR + HOUR / 2]
+    )
+    five = dt.timedelta(minutes=5)
+    fastsched_scheduler.assert_ran("later", at=[START + five, START + five + HOUR])
+    fastsched_scheduler.assert_ran("paused", times=0)
+"""
+
+
+def test_the_run_at_start_up_idiom_fires_at_the_virtual_start(pytester: pytest.Pytester) -> None:
+    # next_run_time=datetime.now() at import is the real "now": it runs at the virtual start,
+    # as production runs it when the app starts (before, the first run was dropped).
+    result = _suite(
+        pytester,
+        "fastsched_scheduler = app:scheduler",
+        app=STARTUP_APP,
+        test_app=STARTUP_TESTS,
+    )
+    result.assert_outcomes(passed=2)
