@@ -37,7 +37,7 @@ import pytest
 from pytest_fastsched import _leftovers, _threads, _watchdog
 from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._options import Settings, clock_backend, marker_options
-from pytest_fastsched._wallclock import make_wall_clock
+from pytest_fastsched._wallclock import make_wall_clock, refuse_foreign_freezes
 from pytest_fastsched._watchdog import Watchdog
 
 _T = TypeVar("_T")
@@ -301,6 +301,7 @@ class VirtualClock:
         self._driving = False
         self._drive_ended: list[asyncio.Future[None]] = []
         self._started = False
+        self._unguard: Callable[[], None] = lambda: None
         self._checks: list[Callable[[], None]] = []
         self._busy_sources: list[Callable[[], int]] = []
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
@@ -333,9 +334,14 @@ class VirtualClock:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Put the wall clock on virtual time (the fixture calls this)."""
+        """Put the wall clock on virtual time (the fixture calls this).
+
+        Until :meth:`close`, a freeze of freezegun or time-machine started by the test is
+        refused with a ``ClockError`` that says how to move the virtual clock instead.
+        """
         self._wall.start(self.now())
         self._started = True
+        self._unguard = refuse_foreign_freezes(self.now, ClockError)
 
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Put ``loop`` (default: the running loop) on virtual time; idempotent."""
@@ -389,6 +395,7 @@ class VirtualClock:
             self._loop_patch.restore()
             self._loop_patch = None
         if self._started:
+            self._unguard()
             self._wall.stop()
             self._started = False
 

@@ -588,3 +588,70 @@ def test_the_run_at_start_up_idiom_fires_at_the_virtual_start(pytester: pytest.P
         test_app=STARTUP_TESTS,
     )
     result.assert_outcomes(passed=2)
+
+
+# -- a freeze started by the test -----------------------------------------------------------------
+
+FOREIGN_FREEZE_TESTS = """
+import datetime as dt
+
+import pytest
+import time_machine
+from freezegun import freeze_time
+
+UTC = dt.timezone.utc
+FREEZERS = {
+    "freezegun": freeze_time,
+    "time-machine": lambda when: time_machine.travel(when, tick=False),
+}
+
+
+@pytest.mark.parametrize("library", sorted(FREEZERS))
+async def test_daily_from_june(fastsched_clock, library):
+    with FREEZERS[library](dt.datetime(2031, 6, 1, tzinfo=UTC)):
+        pass
+
+
+@pytest.mark.parametrize("library", sorted(FREEZERS))
+async def test_started_by_hand(fastsched_clock, library):
+    FREEZERS[library](dt.datetime(2031, 6, 1, tzinfo=UTC)).start()
+
+
+@pytest.mark.parametrize("library", sorted(FREEZERS))
+async def test_as_a_decorator(fastsched_clock, library):
+    @FREEZERS[library](dt.datetime(2031, 6, 1, tzinfo=UTC))
+    def report():
+        pass
+
+    report()
+
+
+@pytest.mark.parametrize("library", sorted(FREEZERS))
+async def test_after_the_test_it_works_again(library):
+    with FREEZERS[library](dt.datetime(2031, 6, 1, tzinfo=UTC)):
+        assert dt.datetime.now(UTC).year == 2031
+"""
+
+
+def test_a_freeze_started_by_the_test_is_refused_with_the_fix(
+    pytester: pytest.Pytester,
+) -> None:
+    # Before, it silently overrode the virtual clock: a run due in June 2031 started at the
+    # virtual start instead.
+    result = _suite(pytester, test_freeze=FOREIGN_FREEZE_TESTS)
+    # Context manager, start() and decorator; each library on each backend.
+    result.assert_outcomes(failed=12, passed=2)
+    for label in ("freezegun.freeze_time", "time_machine.travel"):
+        result.stdout.fnmatch_lines(
+            [
+                f"E *ClockError: {label} to 2031-06-01T00:00:00+00:00 was started during a "
+                "test that uses fastsched_clock: it would override the virtual clock for "
+                "datetime.now() and time.time() while the event loop and the scheduler's "
+                "timers stay at virtual 2030-01-01T00:00:00+00:00, so jobs would run at the "
+                "wrong instants. Move the virtual clock instead: await "
+                "fastsched_clock.advance_to(datetime.fromisoformat("
+                "'2031-06-01T00:00:00+00:00')) (the jobs due on the way fire) or jump() "
+                'there, or start the test there with @pytest.mark.fastsched(start="'
+                '2031-06-01T00:00:00+00:00").'
+            ]
+        )
