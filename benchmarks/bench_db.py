@@ -1,39 +1,25 @@
 """Per-test overhead of database isolation: ``fastsched_db`` against the usual alternatives.
 
-Run: ``python benchmarks/bench_db.py [--iterations 200] [--backend sqlite|postgresql]``
+Run: ``python benchmarks/bench_db.py [--rounds 8] [--tests 25] [--backend sqlite|postgresql]``
 
-Each figure is the median time of one test's database setup plus teardown, with nothing in
-the test body, over a small app schema (three tables, foreign keys, an index):
+Each side is one test's database setup plus teardown, with nothing in the test body, over a
+small app schema (three tables, foreign keys, an index); a round measures ``--tests`` tests
+of each side (their median), the sides in A B B A order (see ``abba.py``):
 
-- rollback: ``fastsched_db`` (the code path of the fixture): check out the loop's pooled
-  connection, BEGIN, re-bind the app's sessionmaker; then restore it and ROLLBACK.
-- rollback, new loop per test: the same with pytest-asyncio's default function-scoped loops,
-  where each test's loop gets its own engine (connect, then dispose when the loop ends).
+- rollback: ``fastsched_db`` (the code path of the fixture) on one event loop (a session-scoped
+  loop): check out the loop's pooled connection, BEGIN, re-bind the app's sessionmaker; then
+  restore it and ROLLBACK.
+- rollback, new loop per test: the same with pytest-asyncio's default function-scoped loops
+  (each test on a new loop, ended by ``loop.shutdown_asyncgens()`` as pytest-asyncio does).
+  One test engine serves every loop; SQLite's pooled connection passes to the next loop,
+  asyncpg's belongs to its loop, so each test connects.
 - commit: ``@pytest.mark.fastsched(isolation="commit")``, tables emptied with DELETE.
 - create_all/drop_all: the schema created and dropped around each test.
-- TRUNCATE: the tables emptied after each test (SQLite has no TRUNCATE: DELETE FROM each).
+- TRUNCATE: the tables emptied after each test, on a pooled connection of one loop (SQLite
+  has no TRUNCATE: DELETE FROM each).
 
-PostgreSQL is the plugin's ephemeral server (unix socket, fsync off). Results on the
-development machine (2 cores shared with other work, load about 2.5; Python 3.11,
-SQLAlchemy 2.1, aiosqlite 0.22, asyncpg 0.32, PostgreSQL 15; 200 iterations; the middle of
-three runs):
-
-=============================  ==========  ==========
-approach                       SQLite      PostgreSQL
-=============================  ==========  ==========
-rollback                       0.26 ms     0.11 ms
-rollback, new loop per test    3.3 ms      7.2 ms
-commit (DELETE)                1.5 ms      1.1 ms
-create_all/drop_all            6.3 ms      12.8 ms
-TRUNCATE (SQLite: DELETE)      1.5 ms      6.4 ms
-=============================  ==========  ==========
-
-rollback: 20-35x (SQLite; 0.16 ms and 33x on a quieter machine) and 110-135x (PostgreSQL)
-cheaper than create_all/drop_all: the 50x target is met on PostgreSQL, not on SQLite. There
-each driver call is a hand-off to aiosqlite's thread; a test makes two (BEGIN, ROLLBACK) and
-SQLAlchemy's connection bookkeeping the rest (the plugin's own share is about 25 us), while
-SQLite's DDL on a WAL file without fsync is cheap. A new loop per test pays for a new engine
-and its first connection: keep one loop for the session where the suite allows it.
+PostgreSQL is the plugin's ephemeral server (unix socket, fsync off). The figures and the
+load average of the last run are in benchmarks/README.md.
 """
 
 from __future__ import annotations
@@ -45,6 +31,7 @@ import statistics
 import time
 from collections.abc import Awaitable, Callable
 
+import abba
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table
 from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
 
@@ -93,16 +80,23 @@ def settings(database: str) -> _options.Settings:
     )
 
 
-async def median_ms(step: Step, iterations: int) -> float:
-    """The median duration of ``step`` in milliseconds, after a short warm-up."""
-    for _ in range(10):
-        await step()
+SIDES = (
+    "rollback",
+    "rollback, new loop per test",
+    "commit (DELETE)",
+    "create_all/drop_all",
+    "TRUNCATE (SQLite: DELETE)",
+)
+
+
+async def median_of(step: Step, tests: int) -> float:
+    """The median duration of ``step`` in seconds over ``tests`` runs."""
     durations = []
-    for _ in range(iterations):
+    for _ in range(tests):
         start = time.perf_counter()
         await step()
         durations.append(time.perf_counter() - start)
-    return statistics.median(durations) * 1000
+    return statistics.median(durations)
 
 
 def isolated(databases: _db.Databases, isolation: _options.IsolationMode) -> Step:
@@ -137,83 +131,98 @@ def truncate(engine: AsyncEngine) -> Step:
     return step
 
 
-async def in_process_loop(databases: _db.Databases, iterations: int) -> dict[str, float]:
-    """Everything that can share one event loop (and so one pooled engine)."""
-    await databases.setup()
-    engine = await databases.engine()
-    results = {
-        "rollback": await median_ms(isolated(databases, "rollback"), iterations),
-        "commit (DELETE)": await median_ms(isolated(databases, "commit"), iterations),
-        "TRUNCATE (SQLite: DELETE)": await median_ms(truncate(engine), iterations),
-    }
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.drop_all)
-    results["create_all/drop_all"] = await median_ms(create_and_drop(engine), iterations)
-    async with engine.begin() as connection:
-        await connection.run_sync(metadata.create_all)
-    return results
+class Bench:
+    """The sides of one backend: one event loop for those that share it, new ones for the
+    side with a loop per test."""
+
+    def __init__(self, database: str, tests: int) -> None:
+        self.databases = _db.Databases(settings(database))
+        self.tests = tests
+        self.loop = asyncio.new_event_loop()
+        self.engine = self.loop.run_until_complete(self._setup())
+
+    async def _setup(self) -> AsyncEngine:
+        await self.databases.setup()
+        return await self.databases.engine()
+
+    def measure(self, side: str) -> float:
+        """The median of one round's tests of ``side``, in seconds."""
+        if side == "rollback, new loop per test":
+            return self._new_loop_per_test()
+        return self.loop.run_until_complete(self._in_one_loop(side))
+
+    async def _in_one_loop(self, side: str) -> float:
+        if side == "create_all/drop_all":
+            async with self.engine.begin() as connection:
+                await connection.run_sync(metadata.drop_all)
+            try:
+                return await median_of(create_and_drop(self.engine), self.tests)
+            finally:
+                async with self.engine.begin() as connection:
+                    await connection.run_sync(metadata.create_all)
+        steps = {
+            "rollback": isolated(self.databases, "rollback"),
+            "commit (DELETE)": isolated(self.databases, "commit"),
+            "TRUNCATE (SQLite: DELETE)": truncate(self.engine),
+        }
+        return await median_of(steps[side], self.tests)
+
+    def _new_loop_per_test(self) -> float:
+        durations = []
+        for _ in range(self.tests):
+            loop = asyncio.new_event_loop()
+            try:
+                start = time.perf_counter()
+                loop.run_until_complete(isolated(self.databases, "rollback")())
+                loop.run_until_complete(loop.shutdown_asyncgens())  # ends the loop's pool share
+                durations.append(time.perf_counter() - start)
+            finally:
+                loop.close()
+        return statistics.median(durations)
+
+    def close(self) -> None:
+        self.loop.run_until_complete(self.loop.shutdown_asyncgens())
+        self.loop.close()
+        self.databases.close()
 
 
-def new_loop_per_test(databases: _db.Databases, iterations: int) -> float:
-    """Rollback isolation when each test has its own event loop, as pytest-asyncio's default."""
-    durations = []
-    for _ in range(iterations + 10):
-        loop = asyncio.new_event_loop()
-        try:
-            start = time.perf_counter()
-            loop.run_until_complete(isolated(databases, "rollback")())
-            loop.run_until_complete(loop.shutdown_asyncgens())  # disposes the loop's engine
-            durations.append(time.perf_counter() - start)
-        finally:
-            loop.close()
-    return statistics.median(durations[10:]) * 1000
-
-
-def measure(database: str, iterations: int) -> dict[str, float]:
-    """All the figures of one backend."""
-    databases = _db.Databases(settings(database))
+def measure(database: str, rounds: int, tests: int) -> dict[str, list[float]]:
+    """Every side of one backend, ``rounds`` times in A B B A order, after a warm-up round."""
+    bench = Bench(database, tests)
     try:
-        loop = asyncio.new_event_loop()
-        try:
-            results = loop.run_until_complete(in_process_loop(databases, iterations))
-            loop.run_until_complete(loop.shutdown_asyncgens())
-        finally:
-            loop.close()
-        results["rollback, new loop per test"] = new_loop_per_test(databases, iterations)
+        for side in SIDES:
+            bench.measure(side)
+        return abba.alternate(bench.measure, SIDES, rounds)
     finally:
-        databases.close()
-    return results
+        bench.close()
 
 
-ROWS = (
-    "rollback",
-    "rollback, new loop per test",
-    "commit (DELETE)",
-    "create_all/drop_all",
-    "TRUNCATE (SQLite: DELETE)",
-)
-
-
-def report(results: dict[str, dict[str, float]]) -> str:
-    """The results as a table, with the ratio the issue sets a target for."""
-    backends = list(results)
-    lines = [f"{'approach':<30} " + " ".join(f"{name:>12}" for name in backends)]
-    for row in ROWS:
-        cells = " ".join(f"{results[name][row]:>9.2f} ms" for name in backends)
-        lines.append(f"{row:<30} {cells}")
-    for name in backends:
-        ratio = results[name]["create_all/drop_all"] / results[name]["rollback"]
-        lines.append(f"{name}: rollback is {ratio:.0f}x cheaper than create_all/drop_all")
-    return "\n".join(lines)
+def report(name: str, results: dict[str, list[float]]) -> None:
+    """The medians of one backend, and the ratios the issue sets targets for."""
+    print(f"| {name} | median (range of the rounds' medians) |")
+    print("|---|---|")
+    for side in SIDES:
+        print(f"| {side} | {abba.ms(results[side])} |")
+    rollback, new_loop = results["rollback"], results["rollback, new loop per test"]
+    truncate = results["TRUNCATE (SQLite: DELETE)"]
+    print(f"| TRUNCATE / rollback, new loop per test | {abba.ratio(truncate, new_loop)} |")
+    print(f"| TRUNCATE / rollback | {abba.ratio(truncate, rollback)} |")
+    print(
+        "| create_all/drop_all / rollback | "
+        f"{abba.ratio(results['create_all/drop_all'], rollback)} |\n"
+    )
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=200)
+    parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--tests", type=int, default=25)
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), action="append")
     arguments = parser.parse_args()
-    backends = arguments.backend or ["sqlite", "postgresql"]
-    print(report({name: measure(name, arguments.iterations) for name in backends}))
+    abba.header(f"bench_db: per-test isolation, {arguments.rounds} rounds of {arguments.tests}")
+    for name in arguments.backend or ["sqlite", "postgresql"]:
+        report(name, measure(name, arguments.rounds, arguments.tests))
+    abba.footer()
 
 
 if __name__ == "__main__":

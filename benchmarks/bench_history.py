@@ -1,27 +1,18 @@
-"""Overhead of ``fastsched_history``: a job that updates 1,000 rows one at a time.
+"""Overhead of ``fastsched_history``: a job that updates 250 rows one at a time.
 
-Run: ``python benchmarks/bench_history.py [--rounds 7] [--backend sqlite|postgresql]``
+Run: ``python benchmarks/bench_history.py [--rounds 12] [--backend sqlite|postgresql]``
 
 The job is the app pattern: one short session per row (``async with session: UPDATE items SET
 status = 'processing' WHERE id = :id``, which commits: a savepoint release under rollback
-isolation, a real commit under commit isolation). Each round opens a test database as
-``fastsched_db`` does, inserts 1,000 pending rows (not timed), and times the job with
-recording off, then with recording on (``fastsched_history``: the trigger of each row hands
+isolation, a real commit under commit isolation). Each side opens a test database as
+``fastsched_db`` does, inserts 250 pending rows (not timed), and times the job with
+recording off or on (``fastsched_history``: the trigger of each row hands
 the write to Python, which stamps it with the time and the job run and keeps it in its
-savepoint). The figure is the median over the rounds; the ratio compares medians of one run.
+savepoint).
 
-Results on the development machine (2 cores shared with other work, load about 2; Python
-3.11, SQLAlchemy 2.1, aiosqlite 0.22, asyncpg 0.32, PostgreSQL 15; 5 rounds). Under a load of
-7-8 the same script gave ratios between 0.8x and 1.3x: the noise then exceeds the overhead.
-
-=========================  ==========  ==========  =======
-backend, isolation         off         on          ratio
-=========================  ==========  ==========  =======
-sqlite, rollback           1320 ms     1413 ms     1.07x
-sqlite, commit             1044 ms     1091 ms     1.05x
-postgresql, rollback       1456 ms     1652 ms     1.13x
-postgresql, commit         911 ms      1017 ms     1.12x
-=========================  ==========  ==========  =======
+The two sides alternate A B B A (``abba.py``); the report gives the median of each side and
+the median and range of the per-round ratios on/off. The figures and the load average of the
+last run are in benchmarks/README.md.
 
 Target: at most 1.3x.
 """
@@ -31,15 +22,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import statistics
 import time
 
+import abba
 from sqlalchemy import Column, Integer, MetaData, String, Table, update
 from sqlalchemy.ext.asyncio import async_sessionmaker
 
 from pytest_fastsched import _db, _history, _options
 
-ROWS = 1000
+ROWS = 250
 
 metadata = MetaData()
 items = Table(
@@ -82,29 +73,33 @@ async def timed_job(database: _db.Database) -> float:
     return time.perf_counter() - start
 
 
-async def one_round(databases: _db.Databases, isolation: _options.IsolationMode) -> list[float]:
-    """The job's duration with recording off, then on (seconds)."""
+async def one_side(
+    databases: _db.Databases, isolation: _options.IsolationMode, side: str
+) -> float:
+    """The job's duration (seconds) with recording ``off`` or ``on``."""
     async with databases.open_test(isolation) as database:
-        off = await timed_job(database)
-    async with databases.open_test(isolation) as database:
+        if side == "off":
+            return await timed_job(database)
         async with _history.record(database, [], None) as history:
             on = await timed_job(database)
         assert len(history.all_records()) == 2 * ROWS
-    return [off, on]
+        return on
 
 
 async def measure(
     databases: _db.Databases, isolation: _options.IsolationMode, rounds: int
-) -> tuple[float, float]:
-    """Median durations (ms) of the job with recording off and on."""
-    await one_round(databases, isolation)  # warm-up: engine, triggers, caches
-    results = [await one_round(databases, isolation) for _ in range(rounds)]
-    off = statistics.median(result[0] for result in results) * 1000
-    on = statistics.median(result[1] for result in results) * 1000
-    return off, on
+) -> dict[str, list[float]]:
+    """The job's durations with recording off and on, ``rounds`` times in A B B A order."""
+
+    async def side(name: str) -> float:
+        return await one_side(databases, isolation, name)
+
+    await side("off")  # warm-up: engine, triggers, caches
+    await side("on")
+    return await abba.alternate_async(side, ("off", "on"), rounds)
 
 
-def run(database: str, rounds: int) -> dict[str, tuple[float, float]]:
+def run(database: str, rounds: int) -> dict[str, dict[str, list[float]]]:
     databases = _db.Databases(settings(database))
     loop = asyncio.new_event_loop()
     try:
@@ -121,14 +116,20 @@ def run(database: str, rounds: int) -> dict[str, tuple[float, float]]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=12)
     parser.add_argument("--backend", choices=("sqlite", "postgresql"), action="append")
     arguments = parser.parse_args()
-    print(f"{'backend, isolation':<24} {'off':>10} {'on':>10} {'ratio':>7}")
+    abba.header(f"bench_history: 250 single-row updates, {arguments.rounds} rounds")
+    print("| backend, isolation | off | on | on/off: median (range) |")
+    print("|---|---|---|---|")
     for backend in arguments.backend or ["sqlite", "postgresql"]:
-        for isolation, (off, on) in run(backend, arguments.rounds).items():
-            name = f"{backend}, {isolation}"
-            print(f"{name:<24} {off:>7.0f} ms {on:>7.0f} ms {on / off:>6.2f}x")
+        for isolation, sides in run(backend, arguments.rounds).items():
+            off, on = sides["off"], sides["on"]
+            print(
+                f"| {backend}, {isolation} | {abba.ms(off, 0)} | {abba.ms(on, 0)} | "
+                f"{abba.ratio(on, off)} |"
+            )
+    abba.footer()
 
 
 if __name__ == "__main__":

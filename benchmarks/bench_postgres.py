@@ -1,14 +1,17 @@
 """How long the ephemeral PostgreSQL server takes: start-up, stop, one database per worker.
 
-Run with ``python benchmarks/bench_postgres.py``; prints rows of a markdown table.
+Run with ``python benchmarks/bench_postgres.py``; prints rows of a markdown table: the median
+and range of each operation (nothing is compared, so nothing alternates) and the load
+average at the start and end.
 """
 
 from __future__ import annotations
 
-import statistics
 import time
 from collections.abc import Callable
 from functools import partial
+
+import abba
 
 from pytest_fastsched._postgres import EphemeralPostgres, find_bindir
 
@@ -64,21 +67,21 @@ def _measure_databases() -> tuple[list[float], list[float]]:
 
 
 def _row(what: str, samples: list[float]) -> str:
-    median_ms = statistics.median(samples) * 1000
-    return f"| {what} | {len(samples)} | {median_ms:.0f} ms | {max(samples) * 1000:.0f} ms |"
+    return f"| {what} | {len(samples)} | {abba.ms(samples, 0)} |"
 
 
 def main() -> None:
     """Measure and print the table."""
+    abba.header(f"bench_postgres: the ephemeral server ({find_bindir()})")
     starts, stops = _measure_start_and_stop()
     creates, drops = _measure_databases()
-    print(f"PostgreSQL binaries: {find_bindir()}\n")
-    print("| operation | runs | median | max |")
-    print("|---|---|---|---|")
+    print("| operation | runs | median (range) |")
+    print("|---|---|---|")
     print(_row("server start (initdb + pg_ctl start, ready)", starts))
     print(_row("server stop and directory removal", stops))
     print(_row("CREATE DATABASE from a template (1 table, 1 enum)", creates))
     print(_row("DROP DATABASE ... WITH (FORCE)", drops))
+    abba.footer()
 
 
 if __name__ == "__main__":

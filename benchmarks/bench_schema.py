@@ -1,6 +1,6 @@
 """Schema build per test session: a 20-revision Alembic history against create_all().
 
-Run: ``python benchmarks/bench_schema.py [--iterations 15] [--sqlite-only]``
+Run: ``python benchmarks/bench_schema.py [--rounds 4] [--sqlite-only]``
 
 The schema: 20 tables, each with a foreign key to the one before, a string, a timestamp and
 an indexed status. The Alembic history creates one table per revision; ``create_all()`` makes
@@ -16,23 +16,13 @@ the plugin's connection (``config.attributes["connection"]``, inside
   TEMPLATE``). On SQLite each worker builds its own file: its set-up is the build;
 - further worker, PostgreSQL: ``Databases.setup()`` of each other worker: the clone only.
 
-Results on the development machine (2 cores, shared with other test runs: load average 7-8
-during the run, so absolute PostgreSQL figures are high and noisy; the approaches run in turn
-so that they share the load alike; Python 3.11, SQLAlchemy 2.1, Alembic 1.18, aiosqlite 0.22,
-asyncpg 0.32, PostgreSQL 15; 15 rounds):
+The three ways alternate A B C, C B A, ... (``abba.py``); the report gives each median with
+its range, and per step the median and range of the per-round ratios to ``create_all()``. The
+figures and the load average of the last run are in benchmarks/README.md.
 
-=============================================  ========  ==========  ============  ==========
-median                                         build,    build,      first worker  further
-                                               SQLite    PostgreSQL  PostgreSQL    worker PG
-=============================================  ========  ==========  ============  ==========
-create_all()                                   64 ms     291 ms      847 ms        345 ms
-alembic, env.py takes the connection           119 ms    381 ms      1062 ms       409 ms
-alembic, env.py with its own engine (thread)   309 ms    432 ms      1416 ms       400 ms
-=============================================  ========  ==========  ============  ==========
-
-The 20 revisions cost about 2x ``create_all()`` on SQLite and 1.3x on PostgreSQL, once per
-session: 55-90 ms more. An ``env.py`` with its own engine commits each DDL statement on its
-own connection (on SQLite, five times faster once the plugin has put the file in WAL mode).
+The 20 revisions are paid once per session. An ``env.py`` with its own engine commits each
+DDL statement on its own connection (on SQLite, five times faster once the plugin has put the
+file in WAL mode).
 A further xdist worker pays only the clone, whatever built the template.
 """
 
@@ -41,11 +31,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
-import statistics
 import tempfile
 import time
 from pathlib import Path
 
+import abba
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table
 from sqlalchemy.pool import NullPool
 
@@ -236,41 +226,45 @@ def postgres_round(
 def measure(
     projects: dict[str, Path | None],
     server: _postgres.EphemeralPostgres | None,
-    iterations: int,
+    rounds: int,
 ) -> dict[str, Durations]:
-    """Each way to build the schema in turn, ``iterations`` rounds after two of warm-up, so
-    that the load of a shared machine falls on all of them alike."""
+    """Each way to build the schema in turn, A B C then C B A, ``rounds`` rounds after one of
+    warm-up (imports, the server's caches)."""
     results = {name: {column: [] for column in COLUMNS} for name in projects}
-    for round_ in range(iterations + 2):
-        for name, alembic in projects.items():
-            sqlite_round(alembic, results[name])
-            if server is not None:
-                postgres_round(server, alembic, results[name])
-        if round_ < 2:  # warm-up: imports, the server's caches
-            for durations in results.values():
-                for values in durations.values():
-                    values.clear()
+
+    def one(name: str) -> float:
+        sqlite_round(projects[name], results[name])
+        if server is not None:
+            postgres_round(server, projects[name], results[name])
+        return 0.0
+
+    abba.alternate(one, list(projects), 1)
+    for durations in results.values():
+        for values in durations.values():
+            values.clear()
+    abba.alternate(one, list(projects), rounds)
     return results
 
 
-def median_ms(durations: list[float]) -> str:
-    return f"{statistics.median(durations) * 1000:.0f} ms" if durations else "-"
-
-
-def report(results: dict[str, Durations]) -> str:
-    """One row per way to build the schema, one column per step and backend."""
-    lines = [f"{'median':<46}" + "".join(f"{column:>28}" for column in COLUMNS)]
+def report(results: dict[str, Durations]) -> None:
+    """One row per way to build the schema and step; ratios to ``create_all()``."""
+    base = results["create_all()"]
+    print("| way, step | median (range) | ratio to create_all(): median (range) |")
+    print("|---|---|---|")
     for name, durations in results.items():
-        cells = "".join(f"{median_ms(durations[column]):>28}" for column in COLUMNS)
-        lines.append(f"{name:<46}{cells}")
-    return "\n".join(lines)
+        for column in COLUMNS:
+            if not durations[column]:
+                continue
+            ratio = "" if name == "create_all()" else abba.ratio(durations[column], base[column])
+            print(f"| {name}, {column} | {abba.ms(durations[column], 0)} | {ratio} |")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--iterations", type=int, default=15)
+    parser.add_argument("--rounds", type=int, default=4)
     parser.add_argument("--sqlite-only", action="store_true")
     arguments = parser.parse_args()
+    abba.header(f"bench_schema: 20 tables, three ways, {arguments.rounds} rounds")
     with tempfile.TemporaryDirectory() as directory:
         projects: dict[str, Path | None] = {
             "create_all()": None,
@@ -283,11 +277,12 @@ def main() -> None:
         }
         server = None if arguments.sqlite_only else _postgres.EphemeralPostgres.start()
         try:
-            results = measure(projects, server, arguments.iterations)
+            results = measure(projects, server, arguments.rounds)
         finally:
             if server is not None:
                 server.stop()
-    print(report(results))
+    report(results)
+    abba.footer()
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""What the seal costs: python benchmarks/bench_seal.py [--pairs 8]
+"""What the seal costs: python benchmarks/bench_seal.py [--pairs 4]
 
 Two measures, each with the seal off and on:
 
@@ -26,7 +26,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -35,6 +34,7 @@ import time
 import timeit
 from collections.abc import Iterator
 
+import abba
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 from sqlalchemy import text
 from sqlalchemy.ext.asyncio import async_sessionmaker
@@ -129,16 +129,11 @@ def in_a_process(measure: str, sealed: bool) -> float:
 
 
 def compare(measure: str, pairs: int) -> tuple[float, float, list[float]]:
-    off: list[float] = []
-    on: list[float] = []
-    ratios: list[float] = []
-    for index in range(pairs):
-        order = (False, True) if index % 2 == 0 else (True, False)  # A B, then B A
-        results = {sealed: in_a_process(measure, sealed) for sealed in order}
-        off.append(results[False])
-        on.append(results[True])
-        ratios.append(results[True] / results[False])
-    return statistics.median(off), statistics.median(on), ratios
+    """The seal off and on, each in a process of its own, ``pairs`` times A B B A."""
+    sides = {"off": False, "on": True}
+    results = abba.alternate(lambda side: in_a_process(measure, sides[side]), sides, pairs)
+    off, on = results["off"], results["on"]
+    return statistics.median(off), statistics.median(on), abba.ratios(on, off)
 
 
 def audit_events_per_fire() -> float:
@@ -179,7 +174,7 @@ def seal_work() -> dict[str, float]:
 
 def main() -> None:
     parser = argparse.ArgumentParser()
-    parser.add_argument("--pairs", type=int, default=8)
+    parser.add_argument("--pairs", type=int, default=4)
     parser.add_argument("--events", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--side", choices=("day", "isolation"))
     parser.add_argument("--sealed", action="store_true")
@@ -191,7 +186,7 @@ def main() -> None:
     if options.events:
         print(json.dumps({"events": audit_events_per_fire()}))
         return
-    print(f"load average at start: {os.getloadavg()[0]:.2f}")
+    abba.header(f"bench_seal: the seal off and on, {options.pairs} pairs of processes")
     print("| measure | seal off | seal on | on/off: median (range) |")
     print("|---|---|---|---|")
     medians = {}
@@ -205,7 +200,7 @@ def main() -> None:
             f"| {label} | {off * 1e3:.2f} ms | {on * 1e3:.2f} ms | "
             f"{statistics.median(ratios):.3f}x ({min(ratios):.3f}-{max(ratios):.3f}) |"
         )
-    print(f"load average at end: {os.getloadavg()[0]:.2f}")
+    abba.footer()
     events = float(
         json.loads(
             subprocess.run(

@@ -1,8 +1,11 @@
-"""Start-up cost of the plugin for a suite that never uses it: python benchmarks/bench_startup.py
+"""Start-up cost of the plugin for a suite that never uses it.
+
+Run: ``python benchmarks/bench_startup.py [--pairs 10] [--no-callgrind]``
 
 Times ``pytest --collect-only -q`` on a generated 500-test suite with the plugin loaded (as
-installed) and with it disabled (``-p no:fastsched``), in alternating pairs, and prints the
-medians and the median of the paired differences (target: under 30 ms added).
+installed) and with it disabled (``-p no:fastsched``), alternated A B B A (``abba.py``), and
+prints the medians, the median and range of the paired ratios, and the median of the paired
+differences (target: under 30 ms added).
 
 Wall time on a shared machine moves by more than the plugin costs, so when valgrind is
 installed the same two commands are also run once each under callgrind, which counts
@@ -13,6 +16,7 @@ milliseconds without the noise.
 
 from __future__ import annotations
 
+import argparse
 import os
 import re
 import shutil
@@ -23,7 +27,8 @@ import tempfile
 import time
 from pathlib import Path
 
-PAIRS = 60
+import abba
+
 COMMAND = [sys.executable, "-m", "pytest", "--collect-only", "-q", "-p", "no:randomly"]
 DISABLED = ("-p", "no:fastsched")
 
@@ -58,26 +63,29 @@ def _instructions(root: Path, *extra: str) -> int:
 
 
 def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--pairs", type=int, default=10)
+    parser.add_argument("--no-callgrind", action="store_true")
+    arguments = parser.parse_args()
+    abba.header(f"bench_startup: pytest --collect-only of 500 tests, {arguments.pairs} pairs")
     with tempfile.TemporaryDirectory() as directory:
         root = Path(directory)
         _make_suite(root)
         _collect(root)
         _collect(root, *DISABLED)
-        with_plugin, without_plugin, added = [], [], []
-        for _ in range(PAIRS):
-            loaded, disabled = _collect(root), _collect(root, *DISABLED)
-            with_plugin.append(loaded)
-            without_plugin.append(disabled)
-            added.append(loaded - disabled)
+        sides = {"loaded": (), "disabled": DISABLED}
+        times = abba.alternate(lambda side: _collect(root, *sides[side]), sides, arguments.pairs)
         counted = None
-        if shutil.which("valgrind") is not None:
+        if shutil.which("valgrind") is not None and not arguments.no_callgrind:
             counted = (_instructions(root), _instructions(root, *DISABLED))
-    disabled_ms = statistics.median(without_plugin) * 1000
-    print(
-        f"| collect 500 tests, plugin loaded (median of {PAIRS}) "
-        f"| {statistics.median(with_plugin) * 1000:.0f} ms |"
-    )
-    print(f"| collect 500 tests, plugin disabled (median of {PAIRS}) | {disabled_ms:.0f} ms |")
+    loaded, disabled = times["loaded"], times["disabled"]
+    added = [a - b for a, b in zip(loaded, disabled, strict=True)]
+    disabled_ms = statistics.median(disabled) * 1000
+    print("| measure | figure |")
+    print("|---|---|")
+    print(f"| collect 500 tests, plugin loaded | {abba.ms(loaded, 0)} |")
+    print(f"| collect 500 tests, plugin disabled | {abba.ms(disabled, 0)} |")
+    print(f"| loaded / disabled | {abba.ratio(loaded, disabled)} |")
     print(
         f"| added by the plugin, median of paired differences | "
         f"{statistics.median(added) * 1000:+.0f} ms |"
@@ -93,6 +101,7 @@ def main() -> None:
             f"| added by the plugin, from instructions | {extra / 1e6:+.1f} M "
             f"({extra / disabled_count:+.2%}), {disabled_ms * extra / disabled_count:+.1f} ms |"
         )
+    abba.footer()
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ import functools
 import heapq
 import inspect
 import math
+from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, TypeVar
 
@@ -44,12 +45,11 @@ _T = TypeVar("_T")
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
 _MISSING = object()
+# Loop iterations with work queued between two looks at the watchdog's deadline.
+_SPINS_PER_LOOK = 64
 _MAX_US = (dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // dt.timedelta(
     microseconds=1
 )
-# Idle loop cycles that confirm quiescence after the ready queue first looks empty: covers
-# callbacks that schedule callbacks (call_soon chains, future done-callbacks).
-_IDLE_CYCLES = 3
 # The async functions that wait for database drivers: (module, attribute path).
 _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "greenlet_spawn"),
@@ -99,7 +99,9 @@ class _Inflight:
 
     def exit(self) -> None:
         self.count -= 1
-        if self.waiter is not None and not self.waiter.done():
+        # Wake a waiting clock call only when the last piece of work ends: while others are
+        # in flight it would only look, see them, and wait again (one loop iteration each).
+        if not self.count and self.waiter is not None and not self.waiter.done():
             self.waiter.set_result(None)
 
 
@@ -109,7 +111,11 @@ class _LoopPatch:
     Besides the loop's clock: ``run_in_executor`` counts the work in flight, runs it in a
     copy of the caller's context and runs the default executor's work on the clock's
     :class:`~._threads.JobThreads`; ``create_task`` tells the clock of each task (to know
-    which job started it); the selector's ``select`` lets the test's own sleeps move time.
+    which job started it); ``call_soon_threadsafe`` called on the loop's own thread skips
+    the self-pipe write; the selector's ``select`` lets the test's own sleeps move time.
+
+    The loop's clock stays on the virtual microsecond grid: ``loop_time_of(us)`` is the loop
+    time of an instant, and ``us_of_loop_time`` inverts it.
     """
 
     def __init__(self, loop: asyncio.AbstractEventLoop, clock: VirtualClock) -> None:
@@ -128,10 +134,12 @@ class _LoopPatch:
         self._clock = clock
         self._saved = {
             name: vars(loop).get(name, _MISSING)
-            for name in ("time", "run_in_executor", "create_task")
+            for name in ("time", "run_in_executor", "create_task", "call_soon_threadsafe")
         }
         original_run_in_executor = loop.run_in_executor
         original_create_task = loop.create_task
+        original_call_soon_threadsafe = loop.call_soon_threadsafe
+        call_soon = loop.call_soon
         inflight = clock.inflight
 
         def run_in_executor(executor: Any, func: Callable[..., _T], *args: Any) -> Any:
@@ -154,9 +162,19 @@ class _LoopPatch:
             clock.job_tasks.created(task, kwargs.get("context"))
             return task
 
+        def call_soon_threadsafe(
+            callback: Callable[..., Any], *args: Any, context: Any = None
+        ) -> Any:
+            # From the loop's own thread (APScheduler's wakeup(), job-event listeners) the
+            # self-pipe write is wasted: the loop looks at its ready queue before it selects.
+            if _get_running_loop() is loop:
+                return call_soon(callback, *args, context=context)
+            return original_call_soon_threadsafe(callback, *args, context=context)
+
         loop.time = lambda: self.loop_time  # type: ignore[method-assign]
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
         loop.create_task = create_task  # type: ignore[method-assign]
+        loop.call_soon_threadsafe = call_soon_threadsafe  # type: ignore[method-assign, assignment]
         self._selector = getattr(loop, "_selector", None)
         if self._selector is not None and "select" not in vars(self._selector):
             original_select = self._selector.select
@@ -173,38 +191,37 @@ class _LoopPatch:
             self._selector = None
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
-        computed = self.origin_loop_time + (now_us - self.origin_us) / _US
+        computed = self.loop_time_of(now_us)
         if timer_when is not None:
-            self._pull_back_timers(computed, now_us)
+            # The timers that fall at this microsecond run now. Their ``when`` may lie a
+            # little past it: a float error, a sub-microsecond delay, or a timer armed on the
+            # real clock before the clock attached. Pull them back to the instant instead of
+            # moving the loop's clock past them: a loop clock off the microsecond grid shifts
+            # every timer armed next (APScheduler arms its next wake-up from here).
+            scheduled = self.loop._scheduled  # type: ignore[attr-defined]
+            pulled = False
+            for handle in scheduled:
+                if handle._when > computed and self.us_of_loop_time(handle._when) <= now_us:
+                    handle._when = computed
+                    pulled = True
+            if pulled:
+                heapq.heapify(scheduled)
             # The loop runs a timer only when ``when < time() + clock_resolution``; far from
             # zero a float cannot hold that sum, so step one float past the instant instead.
             computed = math.nextafter(computed, math.inf)
         self.loop_time = computed
 
-    def _pull_back_timers(self, computed: float, now_us: int) -> None:
-        """Move the timers that fall at the microsecond ``now_us`` back onto it.
-
-        Their ``when`` may lie a little past it: a float error, a sub-microsecond delay, or
-        a timer armed on the real clock before the clock attached. Moving the loop's clock
-        past them instead would leave it off the microsecond grid, and every timer armed
-        from it next (APScheduler's wake-up) a microsecond late, past an advance() target.
-        """
-        scheduled = self.loop._scheduled  # type: ignore[attr-defined]
-        pulled = False
-        for handle in scheduled:
-            if handle._when > computed and self.us_of_loop_time(handle._when) <= now_us:
-                handle._when = computed
-                pulled = True
-        if pulled:
-            heapq.heapify(scheduled)
+    def loop_time_of(self, us: int) -> float:
+        """The loop time of the virtual instant ``us`` (microseconds since the epoch)."""
+        return self.origin_loop_time + (us - self.origin_us) / _US
 
     def us_of_loop_time(self, when: float) -> int:
-        # Relative to the origin: the microsecond count of a 2030 instant (about 1.9e15) is a
-        # float only to a quarter of a microsecond.
+        # Relative to the origin: the absolute microsecond count of a 2030 instant (about
+        # 1.9e15) is a float only to a quarter of a microsecond.
         offset = (when - self.origin_loop_time) * _US
         nearest = round(offset)
-        # APScheduler computes its wake-up delay from float timestamps, so its timers land
-        # within a fraction of a microsecond of the exact fire time: snap to it.
+        # A timer armed from a float delay lands within a fraction of a microsecond of its
+        # instant: snap to it.
         return self.origin_us + (nearest if abs(offset - nearest) < 0.5 else math.ceil(offset))
 
     def restore(self) -> None:
@@ -293,6 +310,7 @@ class VirtualClock:
         self.start_instant = start.astimezone(dt.timezone.utc)
         self.real_start = dt.datetime.now(dt.timezone.utc)
         self.now_us = to_us(self.start_instant)
+        self._now = (self.now_us, from_us(self.now_us))
         self.watchdog_seconds = watchdog
         self.inflight = _Inflight()
         self._wall = make_wall_clock(backend)
@@ -329,7 +347,9 @@ class VirtualClock:
 
     def now(self) -> dt.datetime:
         """The virtual instant, as an aware UTC datetime."""
-        return from_us(self.now_us)
+        if self._now[0] != self.now_us:
+            self._now = (self.now_us, from_us(self.now_us))
+        return self._now[1]
 
     # -- life cycle ---------------------------------------------------------------------------
 
@@ -442,8 +462,13 @@ class VirtualClock:
 
     def poke(self) -> None:
         """Wake a clock call that waits for busy work; safe from any thread."""
-        loop = self.loop
-        if loop is not None and not loop.is_closed():
+        patch = self._loop_patch
+        if patch is None:
+            return
+        loop = patch.loop
+        if _get_running_loop() is loop:
+            self._wake_waiter()  # on the loop's own thread: no self-pipe write
+        elif not loop.is_closed():
             loop.call_soon_threadsafe(self._wake_waiter)
 
     def _wake_waiter(self) -> None:
@@ -606,82 +631,160 @@ class VirtualClock:
     ) -> None:
         __tracebackhide__ = True
         if not visit_deadlines:
-            self._set_now(target_us)
-        while True:
+            # What is due now (a job due at the start instant, held until the first clock
+            # call) runs before the suspension, as it would have on a real server.
             await self._settle(watchdog)
-            self._run_checks()
-            if until is not None and until.done():
-                return  # the sleeping test was woken by something else: stop here
-            deadline = self._next_deadline()
-            if deadline is None or deadline[0] > target_us:
-                break
-            if deadline[0] > self.now_us:
-                watchdog.progress()
-            self._set_now(*deadline)
+            self._set_now(target_us)
+        if await self._step_through(target_us, watchdog, until) == "until":
+            return  # the sleeping test was woken by something else: stop here
         if self.now_us < target_us:
             self._set_now(target_us)
             await self._settle(watchdog)
-            self._run_checks()
 
     async def _drive_until(self, future: asyncio.Future[Any], watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         assert self._loop_patch is not None
-        while True:
-            await self._settle(watchdog)
-            self._run_checks()
-            if future.done():
-                return
-            deadline = self._next_deadline()
-            if deadline is None:
+        while not future.done():
+            await self._step_through(None, watchdog, future)
+            if not future.done():
                 # Nothing virtual left to wait for: wait in real time (a watchdog tick).
                 await self._wait_for_busy_work(self._loop_patch.loop, watchdog)
+
+    async def _settle(self, watchdog: Watchdog) -> None:
+        """Run everything runnable at this instant, wait for busy work, run the checks."""
+        __tracebackhide__ = True
+        await self._step_through(self.now_us, watchdog, None, move=False)
+
+    async def _step_through(
+        self,
+        target_us: int | None,
+        watchdog: Watchdog,
+        until: asyncio.Future[Any] | None,
+        *,
+        move: bool = True,
+    ) -> str:
+        """Settle each instant and step to the next loop timer up to ``target_us``.
+
+        ``None`` means no limit. Returns ``"until"`` when ``until`` is done, else ``"done"``
+        (the next timer lies past the target, or there is none), with everything at the
+        current instant settled and checked. See :meth:`_stepper` for the stepping itself.
+        """
+        __tracebackhide__ = True
+        assert self._loop_patch is not None
+        loop = self._loop_patch.loop
+        while True:
+            outcome = await self._stepper(target_us, watchdog, until, move)
+            if outcome == "expired":
+                self._raise_watchdog(watchdog)
+            elif outcome == "busy":
+                await self._wait_for_busy_work(loop, watchdog)
             else:
-                self._set_now(*deadline)
+                return outcome
+
+    def _stepper(
+        self,
+        target_us: int | None,
+        watchdog: Watchdog,
+        until: asyncio.Future[Any] | None,
+        move: bool,
+    ) -> asyncio.Future[str]:
+        """A loop callback that settles instants and moves time, resolving a future when done.
+
+        While the loop's ready queue holds anything, or a timer is due, the probe queues
+        itself behind it (the ready queue holds exactly what the loop runs next: call_soon,
+        done-callbacks, call_soon_threadsafe from any thread). Empty, with no due timer,
+        means quiescent at this instant unless counted work is in flight (``"busy"``: the
+        caller waits for it). Quiescent: the checks run (a job error is raised through the
+        future) and time steps to the next timer, without waking the driving coroutine:
+        a plain callback per loop iteration costs less than a task step.
+        """
+        assert self._loop_patch is not None
+        patch = self._loop_patch
+        loop = patch.loop
+        ready = loop._ready  # type: ignore[attr-defined]
+        scheduled = loop._scheduled  # type: ignore[attr-defined]
+        result: asyncio.Future[str] = loop.create_future()
+        call_soon = loop.call_soon
+        spins = 0
+
+        def probe() -> None:
+            __tracebackhide__ = True
+            nonlocal spins
+            if result.done():
+                return  # the driving coroutine was cancelled
+            if watchdog.blocked is not None:  # a job blocked the loop and was interrupted
+                result.set_result("expired")
+                return
+            if ready or (scheduled and scheduled[0]._when < patch.loop_time):
+                spins += 1
+                # A job that never stops yielding keeps the queue busy: look at the watchdog
+                # now and then (a blocked loop is the watchdog thread's to find).
+                if not spins % _SPINS_PER_LOOK and watchdog.expired():
+                    result.set_result("expired")
+                else:
+                    call_soon(probe)
+                return
+            spins = 0
+            if self._busy():
+                result.set_result("busy")
+                return
+            try:
+                self._run_checks()
+            except BaseException as error:  # raised at the clock call's await
+                result.set_exception(error)
+                return
+            if until is not None and until.done():
+                result.set_result("until")
+                return
+            deadline = self._next_deadline() if move else None
+            if deadline is None or (target_us is not None and deadline[0] > target_us):
+                result.set_result("done")
+                return
+            if deadline[0] > self.now_us:
+                watchdog.progress()
+            self._set_now(*deadline)
+            call_soon(probe)
+
+        call_soon(probe)
+        return result
 
     def _set_now(self, now_us: int, timer_when: float | None = None) -> None:
         if now_us > self.now_us:
             self.now_us = now_us
-            self._wall.move_to(self.now())
+            self._wall.move_to(self.now(), now_us)
         assert self._loop_patch is not None
         self._loop_patch.sync_to(self.now_us, timer_when)
 
     def _next_deadline(self) -> tuple[int, float] | None:
         assert self._loop_patch is not None
         scheduled = self._loop_patch.loop._scheduled  # type: ignore[attr-defined]
-        whens = [handle.when() for handle in scheduled if not handle.cancelled()]
-        if not whens:
+        # A heap ordered by ``when``: the head is the earliest timer. A cancelled head (the
+        # loop drops those itself) means a scan; a cancelled handle deeper in the heap never
+        # hides an earlier live one.
+        if not scheduled:
             return None
-        when = min(whens)
+        head = scheduled[0]
+        if head.cancelled():
+            whens = [handle.when() for handle in scheduled if not handle.cancelled()]
+            if not whens:
+                return None
+            when = min(whens)
+        else:
+            when = head.when()
         return self._loop_patch.us_of_loop_time(when), when
 
     def _busy(self) -> int:
-        threads = sum(executor.pending for executor in self._executors)
-        return self.inflight.count + threads + sum(source() for source in self._busy_sources)
-
-    async def _settle(self, watchdog: Watchdog) -> None:
-        __tracebackhide__ = True
-        assert self._loop_patch is not None
-        loop = self._loop_patch.loop
-        idle_cycles = 0
-        while idle_cycles < _IDLE_CYCLES:
-            await asyncio.sleep(0)
-            if watchdog.expired():
-                self._raise_watchdog(watchdog)
-            if loop._ready or self._timer_due(loop):  # type: ignore[attr-defined]
-                idle_cycles = 0
-            elif self._busy():
-                await self._wait_for_busy_work(loop, watchdog)
-                idle_cycles = 0
-            else:
-                idle_cycles += 1
-
-    def _timer_due(self, loop: asyncio.AbstractEventLoop) -> bool:
-        scheduled = loop._scheduled  # type: ignore[attr-defined]
-        return bool(scheduled) and scheduled[0].when() < loop.time()
+        busy = self.inflight.count
+        for executor in self._executors:
+            busy += executor.pending
+        for source in self._busy_sources:
+            busy += source()
+        return busy
 
     async def _wait_for_busy_work(
         self, loop: asyncio.AbstractEventLoop, watchdog: Watchdog
     ) -> None:
+        __tracebackhide__ = True
         waiter: asyncio.Future[None] = loop.create_future()
         self.inflight.waiter = waiter
         watchdog.wake_on_tick(waiter)
@@ -689,6 +792,8 @@ class VirtualClock:
             await waiter
         finally:
             self.inflight.waiter = None
+        if watchdog.expired():
+            self._raise_watchdog(watchdog)
 
     def _run_checks(self) -> None:
         __tracebackhide__ = True
@@ -698,6 +803,9 @@ class VirtualClock:
     def _raise_watchdog(self, watchdog: Watchdog) -> None:
         __tracebackhide__ = True
         lines = [line for describe in self._describers for line in describe()]
+        if not lines and watchdog.blocked is not None:
+            # The interrupted job ended before the clock looked: it was running when found.
+            lines = [watchdog.blocked.what]
         pending = "\n".join(f"  {line}" for line in lines) or "  (no job run is pending)"
         watchdog.stop()  # stopping threads blocks the loop: not a loop to interrupt
         blocked = watchdog.blocked.details() if watchdog.blocked is not None else []

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Integer, MetaData, Table, insert, inspect, select, text
@@ -23,6 +23,9 @@ from pytest_fastsched import _isolation, _options, _prepared, _rebind, _schema, 
 from pytest_fastsched._isolation import DatabaseGuardError, RunningTest
 from pytest_fastsched._options import failure
 from pytest_fastsched._prepared import PreparedStatementLeak, PreparedStatementMonitor
+
+if TYPE_CHECKING:
+    from pytest_fastsched._clock import VirtualClock
 
 # -- the databases of this process -----------------------------------------------------------
 
@@ -101,33 +104,38 @@ class Databases:
         self,
         isolation: _options.IsolationMode,
         prepared_statements: _options.PreparedStatementMode = "ignore",
+        clock: VirtualClock | None = None,
     ) -> AsyncIterator[Database]:
         """Bind the app's sessionmaker to the test database for the duration of one test.
 
         With ``prepared_statements`` other than ``"ignore"`` on PostgreSQL, the named
         prepared statements of the test's connections are read as it runs
         (:mod:`pytest_fastsched._prepared`), a last time before the test's data is undone.
+        The database's clock reads ``clock``'s instant (:mod:`pytest_fastsched._dbclock`).
         """
         __tracebackhide__ = True
         await self.setup()
         engine = await self.engine()
-        async with self.isolation.isolate(engine, isolation, self.testdb.empty_tables) as bound:
-            database = Database(self, bound.engine, bound.state, bound.connection)
-            async with database._recording(prepared_statements):
-                yield database
+        with self.testdb.following(clock):
+            async with self.isolation.isolate(
+                engine, isolation, self.testdb.empty_tables
+            ) as bound:
+                database = Database(self, bound.engine, bound.state, bound.connection, clock)
+                async with database._recording(prepared_statements):
+                    yield database
 
     @contextlib.asynccontextmanager
     async def open_for(
-        self, item: pytest.Item, settings: _options.Settings
+        self, item: pytest.Item, clock: VirtualClock | None
     ) -> AsyncIterator[Database]:
         """:meth:`open_test` with the isolation and the prepared-statement mode ``item``'s
-        marker and the settings ask for; the check of prepared statements fails the test
-        after its data is undone."""
+        marker and the settings ask for, and the test's ``clock`` (``None`` without one); the
+        check of prepared statements fails the test after its data is undone."""
         __tracebackhide__ = True
         marker = _options.marker_options(item)
-        isolation = marker.isolation or settings.isolation
-        prepared = marker.prepared_statements or settings.prepared_statements
-        async with self.open_test(isolation, prepared) as database:
+        isolation = marker.isolation or self.settings.isolation
+        prepared = marker.prepared_statements or self.settings.prepared_statements
+        async with self.open_test(isolation, prepared, clock) as database:
             yield database
         database.check_prepared_statements()
 
@@ -156,6 +164,7 @@ class Database:
         engine: AsyncEngine,
         state: RunningTest,
         connection: AsyncConnection | None,
+        clock: VirtualClock | None = None,
     ) -> None:
         self._databases = databases
         self._state = state
@@ -164,6 +173,10 @@ class Database:
         self._default_maker: async_sessionmaker[AsyncSession] | None = None
         self.engine = engine
         """The engine of the test database on this test's loop (for commit isolation)."""
+        self.clock = clock
+        """The test's ``fastsched_clock``, whose instant the database's ``now()`` and
+        ``CURRENT_TIMESTAMP`` read (unless ``fastsched_database_clock = real``); ``None`` when
+        the test has no clock: the database then reads real time."""
         self._prepared_mode: _options.PreparedStatementMode = "ignore"
         self._prepared_monitor: PreparedStatementMonitor | None = None
 

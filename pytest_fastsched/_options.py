@@ -28,12 +28,14 @@ CLOCK_BACKENDS = ("freezegun", "time-machine")
 ISOLATION_MODES = ("rollback", "commit")
 JOB_ERROR_MODES = ("raise", "record")
 PREPARED_STATEMENT_MODES = ("ignore", "check", "record")
+DATABASE_CLOCKS = ("virtual", "real")
 DEFAULT_START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 ClockBackendName = Literal["freezegun", "time-machine"]
 IsolationMode = Literal["rollback", "commit"]
 JobErrorMode = Literal["raise", "record"]
 PreparedStatementMode = Literal["ignore", "check", "record"]
+DatabaseClock = Literal["virtual", "real"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -118,6 +120,12 @@ OPTIONS: tuple[Option, ...] = (
         default="sqlite",
     ),
     Option(
+        "database_clock",
+        "'virtual' (default): the test database's now(), CURRENT_TIMESTAMP and the like read "
+        "the virtual instant of the test's fastsched_clock; 'real': the server's clock",
+        default="virtual",
+    ),
+    Option(
         "clock_backend",
         "wall-clock backend: 'time-machine' (default) or 'freezegun'",
         default="time-machine",
@@ -183,6 +191,7 @@ class Settings:
     engine: str | None = None
     isolation: IsolationMode = "rollback"
     allow_databases: tuple[str, ...] = ()
+    database_clock: DatabaseClock = "virtual"
 
     @property
     def sessionmakers(self) -> tuple[str, ...]:
@@ -339,6 +348,9 @@ def load_settings(config: pytest.Config) -> Settings:
         engine=_import_paths(by_name["engine"], raw["engine"]),
         isolation=_choice(by_name["isolation"], raw["isolation"] or "", ISOLATION_MODES),  # type: ignore[arg-type]
         allow_databases=_names(raw["allow_databases"], separators=r"\s+"),
+        database_clock=_choice(  # type: ignore[arg-type]
+            by_name["database_clock"], raw["database_clock"] or "", DATABASE_CLOCKS
+        ),
     )
     _check_schema_sources(settings)
     _check_database_url(settings.database)
@@ -404,6 +416,8 @@ def report_header(settings: Settings, rootpath: Path) -> list[str]:
             f"engine={settings.engine or '-'}, "
             f"allow_databases={' '.join(map(redact, settings.allow_databases)) or '-'}"
         )
+    if settings.database_clock != "virtual":
+        lines.append(f"fastsched database clock: {settings.database_clock}")
     return lines
 
 

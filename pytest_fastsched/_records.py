@@ -12,7 +12,7 @@ from __future__ import annotations
 import contextvars
 import dataclasses
 import datetime as dt
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 Outcome = Literal["running", "success", "error", "missed", "skipped"]
 Kind = Literal["existing", "insert", "status", "columns"]
@@ -28,9 +28,11 @@ def format_time(instant: dt.datetime | None) -> str:
 # -- the job-run context ---------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class RunRef:
-    """The job run some code runs in: the job's id, the run's scheduled time, the replica."""
+class RunRef(NamedTuple):
+    """The job run some code runs in: the job's id, the run's scheduled time, the replica.
+
+    A named tuple: one is made for every fire, and a tuple is the cheapest immutable record.
+    """
 
     job_id: str
     scheduled: dt.datetime
@@ -65,7 +67,7 @@ class JobRunError(AssertionError):
 JobRunError.__module__ = "pytest_fastsched"  # shown by its public name
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(slots=True)
 class JobRun:
     """One run (or missed / skipped run) of a job, in virtual time."""
 

@@ -46,8 +46,6 @@ from pytest_fastsched._scheduler import SchedulerHarness
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
-    from pytest_fastsched._clock import VirtualClock
-
 _JOB_OPTIONS = ("name", "misfire_grace_time", "coalesce", "max_instances", "executor")
 
 
@@ -77,9 +75,7 @@ class ReplicaSet:
             | ev.EVENT_ALL_JOBS_REMOVED
         )
         main.scheduler.add_listener(self._on_main_event, mask)
-        _align_timer(main.scheduler, main.clock)
         if main.scheduler.running:
-            main.scheduler.wakeup()  # its next wake-up, on the aligned timer
             self._start()
 
     @property
@@ -119,8 +115,9 @@ class ReplicaSet:
             harness.runs = main.runs
             harness._raised = main._raised
             harness._expectations = main._expectations
+            harness._open = main._open
+            harness._new_errors = main._new_errors
             scheduler = _replica_of(main.scheduler)
-            _align_timer(scheduler, main.clock)
             for job in main.scheduler.get_jobs():
                 _add_copy(scheduler, job)
             harness.attach(scheduler)  # starts it, paused until the first clock call
@@ -147,7 +144,6 @@ class ReplicaSet:
         self._closed = True
         self._stop()
         self.main.scheduler.remove_listener(self._on_main_event)
-        vars(self.main.scheduler).pop("_start_timer", None)
 
 
 async def _warm(engine: AsyncEngine, count: int) -> None:
@@ -160,31 +156,6 @@ async def _warm(engine: AsyncEngine, count: int) -> None:
     connections = await asyncio.gather(*(engine.connect() for _ in range(count)))
     for connection in connections:
         await connection.close()
-
-
-def _align_timer(scheduler: Any, clock: VirtualClock) -> None:
-    """Make ``scheduler`` wake up on a loop timer that is a function of the virtual instant.
-
-    ``AsyncIOScheduler`` sleeps with ``call_later(seconds)``, a float added to the loop's
-    time: two schedulers due at the same microsecond get timers a few ulps apart, and the
-    clock would run one replica's whole job before the other's timer is due. Timers made from
-    the exact microsecond are equal, so the replicas wake up together and their jobs overlap.
-    """
-
-    def start_timer(wait_seconds: float | None) -> None:
-        scheduler._stop_timer()
-        if wait_seconds is None:
-            return
-        patch = clock._loop_patch
-        loop = scheduler._eventloop
-        if patch is None or patch.loop is not loop:
-            scheduler._timeout = loop.call_later(wait_seconds, scheduler.wakeup)
-            return
-        due_us = clock.now_us + round(wait_seconds * 1_000_000)
-        when = patch.origin_loop_time + (due_us - patch.origin_us) / 1_000_000
-        scheduler._timeout = loop.call_at(when, scheduler.wakeup)
-
-    scheduler._start_timer = start_timer
 
 
 def _replica_of(scheduler: Any) -> Any:

@@ -5,6 +5,8 @@ APScheduler's code runs unmodified: its trigger math, misfire grace, coalescing,
 
 - re-attaches the scheduler to the test's event loop (APScheduler remembers the first loop it
   ran on) and starts it on virtual time;
+- wakes it exactly at each fire instant, while APScheduler's own code reads the clock
+  ``_WAKE_LAG_US`` late, as a production scheduler woken by a real timer does;
 - listens to its events to keep a run log (``runs``) and to turn job exceptions, which
   APScheduler only logs, into test failures raised at the virtual instant they happened;
 - restores the job stores after the test, so no next-run time leaks into the next test.
@@ -24,7 +26,9 @@ import os
 import re
 import threading
 import traceback
+import types
 import warnings
+from asyncio import _get_running_loop
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -44,6 +48,68 @@ class Replicas(Protocol):
     """The replicas of a harness's scheduler, stopped with it."""
 
     def close(self) -> None: ...
+
+
+# A production scheduler wakes up a little after each fire instant and asks its triggers (and
+# checks misfires) with that later ``now``; the harness wakes it exactly on the instant. So
+# APScheduler's own code reads the clock this many microseconds late (job code reads it
+# exactly): with ``now == previous fire`` some triggers answer differently (a cron fire at a
+# spring-forward gap instant is returned twice).
+_WAKE_LAG_US = 1
+
+
+class _LateDatetime:
+    """Stands in for ``datetime`` in APScheduler's scheduler and executor modules.
+
+    ``now()`` is the virtual instant plus ``_WAKE_LAG_US``, computed from the clock's integer
+    microseconds (exact, and cheaper than a wall-clock backend's fake classes).
+    """
+
+    def __init__(self, wrapped: Any, clock: VirtualClock) -> None:
+        self._wrapped = wrapped
+        self._clock = clock
+        self._at_us = -1
+        self._by_zone: dict[dt.tzinfo | None, dt.datetime] = {}
+
+    def now(self, tz: dt.tzinfo | None = None) -> dt.datetime:
+        now_us = self._clock.now_us
+        if now_us != self._at_us:
+            self._at_us, self._by_zone = now_us, {}
+        result = self._by_zone.get(tz)  # one fire asks several times; datetimes are immutable
+        if result is None:
+            late = from_us(now_us + _WAKE_LAG_US)
+            result = late.astimezone().replace(tzinfo=None) if tz is None else late.astimezone(tz)
+            self._by_zone[tz] = result
+        return result
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._wrapped, name)
+
+
+class _LateExecutors:
+    """APScheduler's executors check misfires as if they ran a little late (counted users)."""
+
+    users = 0
+    saved: Any = None
+
+    @classmethod
+    def acquire(cls, clock: VirtualClock) -> None:
+        import apscheduler.executors.base as executors
+
+        if cls.users == 0:
+            cls.saved = executors.datetime
+            executors.datetime = _LateDatetime(cls.saved, clock)
+        cls.users += 1
+
+    @classmethod
+    def release(cls) -> None:
+        import apscheduler.executors.base as executors
+
+        cls.users -= 1
+        if cls.users == 0:
+            if isinstance(executors.datetime, _LateDatetime):
+                executors.datetime = cls.saved
+            cls.saved = None
 
 
 class FastschedWarning(pytest.PytestWarning):
@@ -160,6 +226,13 @@ class SchedulerHarness:
         self._replica_set: Replicas | None = None
         self._replica_engine: Callable[[], Any] | None = None
         self.runs: list[JobRun] = []
+        # The runs still running, by (job id, scheduled instant, replica), oldest first: a
+        # finished event finds its run here instead of scanning the run log. Runs that
+        # became errors since the last check, in order: the check after each instant looks
+        # only at these. Both shared by the replicas, as ``runs`` is.
+        self._open: dict[tuple[str, dt.datetime, int], list[JobRun]] = {}
+        self._new_errors: collections.deque[JobRun] = collections.deque()
+        self._late_executors = False
         self.scheduler: Any = None
         self.autostart = True
         self._held = False
@@ -198,6 +271,7 @@ class SchedulerHarness:
         self.scheduler = scheduler
         scheduler._fastsched_harness = self
         self._stores = _JobStores(scheduler)
+        self._install_wakeups(scheduler)
         for job in self._all_jobs():
             self._check_job(job)
         self._reanchor_real_time_jobs()
@@ -210,6 +284,51 @@ class SchedulerHarness:
             self._start_pending(app_paused=False)
         if self.replica_count > 1:
             self.use_replicas(self.replica_count, engine=self._replica_engine)
+
+    def _install_wakeups(self, scheduler: Any) -> None:
+        """Wake ``scheduler`` at exact instants, and let it read the clock a little late.
+
+        ``AsyncIOScheduler`` sleeps ``call_later(next.timestamp() - now.timestamp())``: float
+        timestamps near 2**31 s carry a quarter microsecond each, so a timer could round to
+        the microsecond after the fire time (and the job read that as ``now``); two replicas
+        due together would get timers a few ulps apart, and one would run its whole job
+        before the other woke. The timer is set from the exact microsecond instead, and
+        calls the body of ``wakeup()`` at once (it already runs on the loop). APScheduler's
+        ``_process_jobs`` reads the clock ``_WAKE_LAG_US`` late; the wait it returns is
+        measured from that late ``now``.
+        """
+        import apscheduler.schedulers.base as base_module
+
+        clock = self.clock
+        process_jobs = type(scheduler)._process_jobs.__get__(scheduler)
+        wakeup = direct_wakeup(scheduler)
+
+        late = _LateDatetime(base_module.datetime, clock)
+
+        def late_process_jobs() -> Any:
+            current = base_module.datetime
+            base_module.datetime = late
+            try:
+                return process_jobs()
+            finally:
+                base_module.datetime = current
+
+        def start_timer(wait_seconds: float | None) -> None:
+            scheduler._stop_timer()
+            if wait_seconds is None:
+                return
+            patch = clock._loop_patch
+            loop = scheduler._eventloop
+            if patch is None or patch.loop is not loop:
+                scheduler._timeout = loop.call_later(wait_seconds, wakeup)
+                return
+            due_us = max(clock.now_us + _WAKE_LAG_US + round(wait_seconds * 1e6), clock.now_us)
+            scheduler._timeout = loop.call_at(patch.loop_time_of(due_us), wakeup)
+
+        scheduler._process_jobs = late_process_jobs
+        scheduler._start_timer = start_timer
+        _LateExecutors.acquire(clock)
+        self._late_executors = True
 
     def use_replicas(self, count: int, *, engine: Callable[[], Any] | None = None) -> None:
         """Run ``count`` copies of the scheduler (this one included) on the virtual clock.
@@ -362,7 +481,8 @@ class SchedulerHarness:
                 if not self._manual_submit:  # run_job() opened its run itself
                     opened.append(JobRun(key[0], key[1], now, replica=self.replica))
                     self._opened[key] += 1
-            self.runs.extend(opened)
+            for run in opened:
+                self._add_open(run)
         return opened
 
     def _not_submitted(
@@ -374,11 +494,13 @@ class SchedulerHarness:
                 self._thread_jobs -= _decrement(self._thread_runs, key)
                 _decrement(self._opened, key)
             for run in opened:
+                self._drop_open(run)
                 run.finished, run.outcome = self.clock.now(), "error"
                 run.exception = JobRunError(
                     f"job {run.job_id!r} could not be given to its executor: "
                     f"{type(error).__name__}: {error}"
                 )
+                self._new_errors.append(run)
 
     def _watch_pool(self, alias: str, executor: Any) -> None:
         """Run an APScheduler thread pool's jobs on threads the watchdog can stop.
@@ -482,14 +604,13 @@ class SchedulerHarness:
     # -- events ------------------------------------------------------------------------------
 
     def _on_event(self, event: Any) -> None:
-        from apscheduler import events as ev
-
+        ev = _EVENTS or _events()
+        code = event.code
         with self._lock:
-            code = event.code
             if code == ev.EVENT_JOB_SUBMITTED:
                 self._on_submitted(event)
-            elif code in (ev.EVENT_JOB_EXECUTED, ev.EVENT_JOB_ERROR, ev.EVENT_JOB_MISSED):
-                self._on_finished(event)
+            elif code & _FINISHED:
+                self._on_finished(event, ev)
             elif code == ev.EVENT_JOB_MAX_INSTANCES:
                 for scheduled in event.scheduled_run_times:
                     self.runs.append(
@@ -508,57 +629,78 @@ class SchedulerHarness:
                 job = self.scheduler.get_job(event.job_id)
                 if job is not None:
                     self._check_job(job)
-        self.clock.poke()
+        clock = self.clock
+        # On the loop's own thread with no clock call waiting, a poke would do nothing.
+        if clock.inflight.waiter is not None or _get_running_loop() is not clock.loop:
+            clock.poke()
 
     def _on_submitted(self, event: Any) -> None:
         now = self.clock.now()
         for scheduled in event.scheduled_run_times:
             if _decrement(self._opened, (event.job_id, _utc(scheduled))):
                 continue  # opened when it was given to its thread pool
-            self.runs.append(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
+            self._add_open(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
 
-    def _on_finished(self, event: Any) -> None:
-        from apscheduler import events as ev
+    def _add_open(self, run: JobRun) -> None:
+        self.runs.append(run)
+        self._open.setdefault((run.job_id, run.scheduled, run.replica), []).append(run)
 
+    def _take_open(self, job_id: str, scheduled: dt.datetime) -> JobRun | None:
+        """The oldest run of ``job_id`` at ``scheduled`` still running, now no longer open."""
+        key = (job_id, scheduled, self.replica)
+        queue = self._open.get(key)
+        if queue is None:
+            return None
+        run = queue.pop(0)
+        if not queue:
+            del self._open[key]
+        return run
+
+    def _drop_open(self, run: JobRun) -> None:
+        """Take ``run`` out of the runs still running (it never reached its executor)."""
+        key = (run.job_id, run.scheduled, run.replica)
+        queue = self._open.get(key, [])
+        if run in queue:
+            queue.remove(run)
+        if not queue:
+            self._open.pop(key, None)
+
+    def _on_finished(self, event: Any, ev: Any) -> None:
         scheduled = _utc(event.scheduled_run_time)
-        run = self._open_run(event.job_id, scheduled)
+        run = self._take_open(event.job_id, scheduled)
         if run is None:
             run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
         self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
         run.finished = self.clock.now()
-        if event.code == ev.EVENT_JOB_MISSED:
+        code = event.code
+        if code == ev.EVENT_JOB_EXECUTED and not isinstance(event.retval, types.CoroutineType):
+            run.outcome, run.retval = "success", event.retval
+        elif code == ev.EVENT_JOB_MISSED:
             run.outcome, run.started = "missed", None
-        elif event.code == ev.EVENT_JOB_ERROR:
+        elif code == ev.EVENT_JOB_ERROR:
             run.outcome, run.exception, run.traceback = "error", event.exception, event.traceback
-        elif inspect.iscoroutine(event.retval):
+            self._new_errors.append(run)
+        else:  # a coroutine returned by an async def job on a thread pool
             event.retval.close()
             run.outcome = "error"
             run.exception = JobRunError(_async_on_thread_pool(event.job_id, None))
-        else:
-            run.outcome, run.retval = "success", event.retval
-
-    def _open_run(self, job_id: str, scheduled: dt.datetime) -> JobRun | None:
-        for run in self.runs:
-            if (
-                run.job_id == job_id
-                and run.outcome == "running"
-                and run.scheduled == scheduled
-                and run.replica == self.replica
-            ):
-                return run
-        return None
+            self._new_errors.append(run)
 
     def _record_invalid(self, job_id: str, message: str) -> None:
         now = self.clock.now()
-        self.runs.append(JobRun(job_id, now, None, now, "error", exception=JobRunError(message)))
+        run = JobRun(job_id, now, None, now, "error", exception=JobRunError(message))
+        self.runs.append(run)
+        self._new_errors.append(run)
 
     # -- job errors --------------------------------------------------------------------------
 
     def _raise_job_errors(self) -> None:
         __tracebackhide__ = True
-        for run in self.runs:
-            if run.outcome != "error" or id(run) in self._raised:
+        errors = self._new_errors
+        while errors:
+            run = errors.popleft()
+            if id(run) in self._raised:
                 continue
             self._raised.add(id(run))
             if isinstance(run.exception, JobStopped):
@@ -667,18 +809,22 @@ class SchedulerHarness:
         now = self._aware_now()
         run = JobRun(job_id, _utc(now), _utc(now), manual=True)
         with self._lock:
-            self.runs.append(run)
+            self._add_open(run)
         self._manual_submit = True
         try:
             self.scheduler._lookup_executor(job.executor).submit_job(job, [now])
         except MaxInstancesReachedError:
-            self.runs.remove(run)
+            with self._lock:
+                self.runs.remove(run)
+                self._drop_open(run)
             raise JobRunError(
                 f"run_job({job_id!r}): {job.max_instances} instance(s) of the job are already "
                 f"running (max_instances={job.max_instances})"
             ) from None
         except BaseException:
-            self.runs.remove(run)
+            with self._lock:
+                self.runs.remove(run)
+                self._drop_open(run)
             raise
         finally:
             self._manual_submit = False
@@ -782,6 +928,11 @@ class SchedulerHarness:
         scheduler.remove_listener(self._on_event)
         if getattr(scheduler, "_fastsched_harness", None) is self:
             del scheduler._fastsched_harness
+        vars(scheduler).pop("_process_jobs", None)
+        vars(scheduler).pop("_start_timer", None)
+        if self._late_executors:
+            _LateExecutors.release()
+            self._late_executors = False
         for executor in self._labelled:
             vars(executor).pop("_do_submit_job", None)
         self._labelled.clear()
@@ -973,14 +1124,53 @@ def _decrement(counter: collections.Counter[Any], key: Any) -> bool:
     return True
 
 
+def direct_wakeup(scheduler: Any) -> Callable[[], None]:
+    """``scheduler.wakeup`` without its hop through ``call_soon_threadsafe``.
+
+    ``AsyncIOScheduler.wakeup`` is wrapped to be callable from any thread: it only queues the
+    real wake-up for the next loop iteration. Its own timer fires on the loop, so the timer can
+    run the wake-up's body at once; a subclass that overrides ``wakeup`` keeps its own.
+    """
+    body = getattr(type(scheduler).wakeup, "__wrapped__", None)
+    if body is None:
+        return scheduler.wakeup  # type: ignore[no-any-return]
+    return functools.partial(body, scheduler)
+
+
+_EVENTS: Any = None
+_FINISHED = 0
+
+
+def _events() -> Any:
+    """``apscheduler.events``, imported once (the listener runs for every event)."""
+    global _EVENTS, _FINISHED
+    if _EVENTS is None:
+        from apscheduler import events
+
+        _FINISHED = events.EVENT_JOB_EXECUTED | events.EVENT_JOB_ERROR | events.EVENT_JOB_MISSED
+        _EVENTS = events
+    return _EVENTS
+
+
 def _runs(count: int) -> str:
     return f"{count} run" if count == 1 else f"{count} runs"
 
 
+_LAST_UTC: tuple[dt.datetime | None, dt.datetime | None] = (None, None)
+
+
 def _utc(instant: dt.datetime) -> dt.datetime:
     # Aware datetimes in one ZoneInfo compare and subtract by wall time, which is wrong at
-    # the DST fall-back hour: the run log keeps every instant in UTC.
-    return instant.astimezone(dt.timezone.utc)
+    # the DST fall-back hour: the run log keeps every instant in UTC. One fire converts the
+    # same run-time object three times (submit, its events): keep the last conversion (the
+    # pair holds a reference to the instant, so the identity check is sound).
+    global _LAST_UTC
+    last, converted = _LAST_UTC
+    if last is instant and converted is not None:
+        return converted
+    converted = instant.astimezone(dt.timezone.utc)
+    _LAST_UTC = (instant, converted)
+    return converted
 
 
 def _near(instant: dt.datetime | None, reference: dt.datetime, slack: dt.timedelta) -> bool:

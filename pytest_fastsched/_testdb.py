@@ -29,7 +29,8 @@ import secrets
 import shutil
 import socket
 import tempfile
-from collections.abc import AsyncIterator, Mapping, Sequence
+import threading
+from collections.abc import AsyncIterator, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -38,9 +39,10 @@ from sqlalchemy import MetaData, Table, event, inspect, text
 from sqlalchemy.engine import Connection, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
-from sqlalchemy.pool import NullPool
+from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
+from sqlalchemy.util.queue import Empty
 
-from pytest_fastsched import _options, _postgres, _schema
+from pytest_fastsched import _dbclock, _options, _postgres, _schema
 from pytest_fastsched._options import describe, failure
 
 RUN_ID_INPUT = "fastsched_run_id"
@@ -67,7 +69,18 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
     return engine
 
 
+SQLITE_THREAD = "fastsched-sqlite-connection"
+"""The name of the thread of each SQLite connection the plugin makes (aiosqlite runs one per
+connection). The test engine's pooled connections serve every event loop, so their threads
+stay alive from one test to the next, until the process ends."""
+
+
 def _sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    # The connection's thread (aiosqlite 0.19 made the connection itself a thread).
+    driver = dbapi_connection.driver_connection
+    thread = getattr(driver, "_thread", driver)
+    if isinstance(thread, threading.Thread):
+        thread.name = SQLITE_THREAD
     cursor = dbapi_connection.cursor()
     # WAL: readers do not block the writer, for commit isolation's separate connections.
     cursor.execute("PRAGMA journal_mode=WAL")
@@ -83,6 +96,144 @@ def _sqlite_begin(connection: Connection) -> None:
     dbapi_connection.run_async(lambda driver: driver.execute("BEGIN"))  # type: ignore[union-attr]
 
 
+# -- one engine for every event loop -------------------------------------------------------
+
+_HOME = "fastsched_loop_pool"
+"""The key of ``record_info`` naming the loop's pool a checked-out connection goes back to."""
+_LOOP_FREE_DRIVERS = frozenset({"aiosqlite"})
+"""Drivers whose connections are bound to no event loop (aiosqlite runs a thread per
+connection and answers each call on the caller's loop)."""
+
+
+class _LoopQueue(AsyncAdaptedQueuePool):
+    """The pooled connections of one event loop, made by (and belonging to) a ``LoopPool``."""
+
+    def __init__(self, owner: LoopPool) -> None:
+        super().__init__(
+            owner._creator,
+            pool_size=owner.size(),
+            max_overflow=owner._max_overflow,
+            timeout=owner.timeout(),
+            use_lifo=owner._pool.use_lifo,
+        )
+        self.owner = owner
+        self.loop = asyncio.get_running_loop()
+
+    def _create_connection(self) -> ConnectionPoolEntry:
+        return self.owner._connection_for_new_loop_slot()
+
+
+class LoopPool(AsyncAdaptedQueuePool):
+    """The test engine's pool: one engine and one dialect (initialized once) serve every event
+    loop of the process, and each loop's connections are pooled apart.
+
+    asyncpg connections belong to the loop that made them: a loop's idle connections are
+    closed when it ends (:meth:`end_loop`). Connections of drivers bound to no loop (aiosqlite)
+    pass to the next loop instead, so that a suite with a new loop per test (pytest-asyncio's
+    default) does not connect again for each test. Pool options (``pool_size``,
+    ``max_overflow``, ``pool_timeout``, ``pool_pre_ping``, ``pool_recycle``) apply per loop.
+    """
+
+    def __init__(self, creator: Any, **options: Any) -> None:
+        super().__init__(creator, **options)
+        self._loops: dict[asyncio.AbstractEventLoop, _LoopQueue] = {}
+        self._free: list[ConnectionPoolEntry] = []
+        """Idle connections of ended loops, for the next loop (loop-free drivers only)."""
+
+    @property
+    def _loop_free(self) -> bool:
+        return getattr(self._dialect, "driver", None) in _LOOP_FREE_DRIVERS
+
+    def _queue(self) -> _LoopQueue:
+        loop = asyncio.get_running_loop()
+        queue = self._loops.get(loop)
+        if queue is None:
+            self._reclaim_closed_loops()
+            queue = self._loops[loop] = _LoopQueue(self)
+        return queue
+
+    def _do_get(self) -> ConnectionPoolEntry:
+        queue = self._queue()
+        record = queue._do_get()
+        _record_info(record)[_HOME] = queue
+        return record
+
+    def _do_return_conn(self, record: ConnectionPoolEntry) -> None:
+        home = _record_info(record).pop(_HOME, None)
+        if isinstance(home, _LoopQueue) and self._loops.get(home.loop) is home:
+            home._do_return_conn(record)
+        elif self._loop_free:
+            self._free.append(record)
+        else:
+            record.close()
+
+    def _connection_for_new_loop_slot(self) -> ConnectionPoolEntry:
+        if self._free:
+            record = self._free.pop()
+            _unbind_from_loop(record)
+            return record
+        return self._create_connection()
+
+    def end_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        """``loop`` ends: close its idle connections, or keep them for the next loop.
+
+        Called outside SQLAlchemy's greenlet, where invalidating a connection closes it at
+        once (asyncpg's ``terminate()``) instead of waiting for the server to end its backend
+        (about 0.6 ms per test).
+        """
+        queue = self._loops.pop(loop, None)
+        if queue is None:
+            return
+        if self._loop_free:
+            self._free.extend(_drain(queue))
+            return
+        for record in _drain(queue):
+            record.invalidate()
+
+    def _reclaim_closed_loops(self) -> None:
+        # Loops closed without loop.shutdown_asyncgens() never ended their share.
+        for loop in [loop for loop in self._loops if loop.is_closed()]:
+            queue = self._loops.pop(loop)
+            if self._loop_free:
+                self._free.extend(_drain(queue))
+
+    def dispose(self) -> None:
+        """Close the idle connections of the running loop and of ended loops."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            loop = None
+        if loop is not None and loop in self._loops:
+            self._loops.pop(loop).dispose()
+        while self._free:
+            self._free.pop().close()
+
+
+def _drain(queue: _LoopQueue) -> list[ConnectionPoolEntry]:
+    """The idle connections of ``queue``, taken out of it."""
+    records = []
+    while True:
+        try:
+            records.append(queue._pool.get(False))
+        except Empty:
+            return records
+
+
+def _unbind_from_loop(record: ConnectionPoolEntry) -> None:
+    # SQLAlchemy's adapter serializes a connection's statements with an asyncio.Lock, which
+    # binds itself to the loop of the first task that had to wait for it; the connection is
+    # idle here, so a new lock is equivalent.
+    adapter = record.dbapi_connection
+    if hasattr(adapter, "_execute_mutex"):
+        setattr(adapter, "_execute_mutex", asyncio.Lock())  # noqa: B010
+
+
+def _record_info(record: ConnectionPoolEntry) -> dict[str, Any]:
+    info = record.record_info
+    assert info is not None, "a pool's own connection records always have one"
+    return info
+
+
 # -- where the test database lives ---------------------------------------------------------
 
 
@@ -93,10 +244,12 @@ class _SqliteLocation:
         self.directory = Path(tempfile.mkdtemp(prefix="pytest-fastsched-sqlite-"))
         self.url = f"sqlite+aiosqlite:///{self.directory / 'test.db'}"
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         engine = create_engine(self.url, poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         finally:
             await engine.dispose()
 
@@ -113,14 +266,14 @@ class _PostgresLocation:
         self.name = f"fastsched_{run_id}_{worker}".lower()
         self.url = _with_database(admin_url, self.name)
 
-    async def create(self, schema: _schema.Schema) -> None:
+    async def create(self, schema: _schema.Schema, clock: _dbclock.DatabaseClock | None) -> None:
         admin = _admin_engine(self.admin_url)
         try:
             connection = await _connect(admin)
             try:
                 await connection.execute(text(f"SELECT pg_advisory_lock({TEMPLATE_LOCK})"))
                 await _drop_stale_databases(connection)
-                await self._create_template(connection, schema)
+                await self._create_template(connection, schema, clock)
                 await connection.exec_driver_sql(
                     f"CREATE DATABASE {_quote(self.name)} TEMPLATE {_quote(self.template)}"
                 )
@@ -130,7 +283,12 @@ class _PostgresLocation:
         finally:
             await admin.dispose()
 
-    async def _create_template(self, admin: AsyncConnection, schema: _schema.Schema) -> None:
+    async def _create_template(
+        self,
+        admin: AsyncConnection,
+        schema: _schema.Schema,
+        clock: _dbclock.DatabaseClock | None,
+    ) -> None:
         exists = await admin.scalar(
             text("SELECT 1 FROM pg_database WHERE datname = :name"), {"name": self.template}
         )
@@ -141,6 +299,8 @@ class _PostgresLocation:
         engine = create_engine(_with_database(self.admin_url, self.template), poolclass=NullPool)
         try:
             await schema.build(engine)
+            if clock is not None:
+                await clock.install(engine)
         except BaseException:
             await engine.dispose()
             await _drop_database(admin, self.template)
@@ -316,7 +476,12 @@ class TestDatabase:
         self.metadata: MetaData | None = None
         self._engine_options_source: object = None
         self.engine_options: dict[str, Any] = {}
+        self._engine: AsyncEngine | None = None
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
+        self.database_clock = (
+            _dbclock.DatabaseClock(self.dialect) if settings.database_clock == "virtual" else None
+        )
+        """The database's clock, unless ``fastsched_database_clock = real``."""
 
     async def create(self) -> None:
         """Resolve the app's metadata and engine options, then create the database."""
@@ -335,7 +500,7 @@ class TestDatabase:
             self.engine_options = _check_engine_options(
                 self._engine_options_source, self.settings.engine_options, location.url
             )
-        await location.create(self.schema)
+        await location.create(self.schema, self.database_clock)
         await self.seeds.snapshot(await self.engine())
 
     def _resolve_app(self) -> None:
@@ -388,29 +553,59 @@ class TestDatabase:
         """``sqlite`` or ``postgresql``."""
         return "sqlite" if self.settings.database == "sqlite" else "postgresql"
 
-    # -- engines, one per event loop
+    # -- the engine, serving every event loop
 
     async def engine(self) -> AsyncEngine:
-        """The engine of the running loop, made on first use, disposed when the loop ends."""
+        """The test engine, ready for the running loop; the loop's share of its pool is ended
+        when the loop shuts down.
+
+        One engine serves every loop (its dialect initialized once, its statement cache
+        shared) with a :class:`LoopPool`; a ``poolclass`` of ``fastsched_engine_options``
+        gets an engine per loop instead, disposed when the loop ends.
+        """
         loop = asyncio.get_running_loop()
         entry = self._engines.get(loop)
         if entry is None:
-            engine = self._create_test_engine()
-            keeper = self._dispose_at_loop_end(loop, engine)
+            engine = self._engine_for_loop()
+            keeper = self._release_at_loop_end(loop, engine)
             await keeper.__anext__()
             entry = self._engines[loop] = _LoopEngine(engine, keeper)
         return entry.engine
 
-    def _create_test_engine(self) -> AsyncEngine:
+    def _engine_for_loop(self) -> AsyncEngine:
+        if (
+            self.engine_options.get("poolclass", AsyncAdaptedQueuePool)
+            is not AsyncAdaptedQueuePool
+        ):
+            return self._create_test_engine(self.engine_options)
+        if self._engine is None:
+            self._engine = self._create_test_engine({**self.engine_options, "poolclass": LoopPool})
+        return self._engine
+
+    def _create_test_engine(self, options: Mapping[str, Any]) -> AsyncEngine:
+        clock = self.database_clock
+        if clock is not None:
+            options = clock.engine_options(options)
         try:
-            return create_engine(self.url, **self.engine_options)
+            engine = create_engine(self.url, **options)
         except (TypeError, ValueError, ArgumentError) as error:
             raise failure(
                 f"fastsched_engine_options = {self.settings.engine_options!r}: "
                 f"create_async_engine() rejected the options: {type(error).__name__}: {error}"
             ) from None
+        if clock is not None:
+            clock.listen(engine)
+        return engine
 
-    async def _dispose_at_loop_end(
+    @contextlib.contextmanager
+    def following(self, clock: _dbclock.Instant | None) -> Iterator[None]:
+        """The database reads ``clock``'s instant while the block runs (``None``, or
+        ``fastsched_database_clock = real``: the server's clock)."""
+        following = self.database_clock.follow(clock) if self.database_clock else None
+        with following or contextlib.nullcontext():
+            yield
+
+    async def _release_at_loop_end(
         self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine
     ) -> AsyncIterator[None]:
         # Parked in the loop: loop.shutdown_asyncgens() closes it while the loop still runs.
@@ -418,7 +613,7 @@ class TestDatabase:
             yield
         finally:
             self._engines.pop(loop, None)
-            await engine.dispose()
+            await _release(loop, engine)
 
     # -- emptied after a test of commit isolation
 
@@ -445,8 +640,11 @@ class TestDatabase:
         """Dispose leftover engines, drop the scratch databases, stop an owned server."""
         for loop, entry in list(self._engines.items()):
             if not loop.is_closed() and not loop.is_running():
-                loop.run_until_complete(entry.engine.dispose())
+                loop.run_until_complete(_release(loop, entry.engine))
         self._engines.clear()
+        engine, self._engine = self._engine, None
+        if engine is not None:
+            _postgres._run_in_fresh_loop(engine.dispose())
         location, self._location = self._location, None
         if isinstance(location, _SqliteLocation):
             location.remove()
@@ -455,6 +653,17 @@ class TestDatabase:
                 location.drop(template=self._owner)
         if self._server is not None:
             self._server.stop()
+        if self.database_clock is not None:
+            self.database_clock.close()
+
+
+async def _release(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
+    """The end of ``loop``: its share of ``engine``'s pool, or its own engine."""
+    pool = engine.sync_engine.pool
+    if isinstance(pool, LoopPool):
+        pool.end_loop(loop)
+    else:
+        await engine.dispose()
 
 
 def _check_metadata(metadata: object, path: str) -> MetaData:

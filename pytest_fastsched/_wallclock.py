@@ -24,8 +24,13 @@ class WallClock(Protocol):
     name: str
 
     def start(self, instant: dt.datetime) -> None: ...
-    def move_to(self, instant: dt.datetime) -> None: ...
+    def move_to(self, instant: dt.datetime, us: int | None = None) -> None:
+        """Move to ``instant`` (aware); ``us`` is the same instant in epoch microseconds."""
+
     def stop(self) -> None: ...
+
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 def _naive_utc(instant: dt.datetime) -> dt.datetime:
@@ -46,7 +51,7 @@ class FreezegunWallClock:
 
     def start(self, instant: dt.datetime) -> None:
         try:
-            from freezegun import freeze_time
+            from freezegun import api, freeze_time
         except ImportError:
             raise pytest.UsageError(
                 "fastsched_clock_backend = 'freezegun' needs the freezegun package: "
@@ -55,6 +60,7 @@ class FreezegunWallClock:
         self._freezer = freeze_time(_naive_utc(instant), tick=False)
         self._freezer.ignore = ()
         self._factory = self._freezer.start()
+        self._frozen = type(self._factory) is api.FrozenDateTimeFactory
         self._restore_monotonic()
         self._keep_fold()
         _teach_pydantic_fake_dates()
@@ -63,15 +69,33 @@ class FreezegunWallClock:
         # freezegun rebuilds every datetime result without its ``fold``, so the second
         # 02:30 of a DST fall-back night becomes the first again and APScheduler's cron
         # trigger loops forever at that hour. Keep the fold while the clock runs.
+        #
+        # ``FakeDatetime.now(tz)`` loses it earlier still: it returns
+        # ``tz.fromutc(...) + tz_offset``, and an aware datetime plus a timedelta always has
+        # fold=0, so during the repeated hour ``now(tz)`` reads an hour early and
+        # APScheduler, which asks ``datetime.now(self.timezone)``, sleeps through that hour.
+        # Convert from the frozen UTC instant instead.
         from freezegun import api
 
         dropping_fold = api.datetime_to_fakedatetime
+        original_now = api.FakeDatetime.__dict__["now"]
 
         def datetime_to_fakedatetime(value: dt.datetime) -> dt.datetime:
-            return dropping_fold(value).replace(fold=value.fold)
+            fake = dropping_fold(value)
+            return fake.replace(fold=1) if value.fold else fake
+
+        def now(cls: Any, tz: dt.tzinfo | None = None) -> dt.datetime:
+            if tz is None or cls._tz_offset():
+                result: dt.datetime = original_now.__func__(cls, tz)
+                return result
+            frozen = cls._time_to_freeze() or api.real_datetime.now(dt.timezone.utc)
+            utc = frozen.replace(tzinfo=dt.timezone.utc)
+            return datetime_to_fakedatetime(utc.astimezone(tz))
 
         self._dropping_fold = dropping_fold
+        self._original_now = original_now
         api.datetime_to_fakedatetime = datetime_to_fakedatetime  # type: ignore[assignment]
+        api.FakeDatetime.now = classmethod(now)  # type: ignore[method-assign, assignment]
 
     def _restore_monotonic(self) -> None:
         from freezegun import api
@@ -91,13 +115,20 @@ class FreezegunWallClock:
                 kept.append((module, attribute, original))
         self._freezer.undo_changes = kept
 
-    def move_to(self, instant: dt.datetime) -> None:
-        self._factory.move_to(_naive_utc(instant))
+    def move_to(self, instant: dt.datetime, us: int | None = None) -> None:
+        naive = _naive_utc(instant)
+        if self._frozen:
+            # What FrozenDateTimeFactory.move_to ends with, without its re-parsing and its
+            # type checks (a few microseconds per instant).
+            self._factory.time_to_freeze = naive
+        else:
+            self._factory.move_to(naive)
 
     def stop(self) -> None:
         from freezegun import api
 
         api.datetime_to_fakedatetime = self._dropping_fold
+        api.FakeDatetime.now = self._original_now  # type: ignore[method-assign]
         self._freezer.stop()
 
 
@@ -128,13 +159,22 @@ class TimeMachineWallClock:
     def start(self, instant: dt.datetime) -> None:
         import time_machine
 
-        self._instant = instant
         self._travel = time_machine.travel(_naive_utc(instant), tick=False)
         self._traveller = self._travel.start()
+        # Where the traveller stands, in nanoseconds since the epoch (time-machine 3.0 and
+        # later). Set exactly: ``shift()`` in time-machine 3.0 goes through float seconds,
+        # which can leave the clock a nanosecond short of a microsecond, and ``datetime.now()``
+        # then truncates to the microsecond before.
+        self._exact = isinstance(getattr(self._traveller, "_destination_timestamp_ns", None), int)
 
-    def move_to(self, instant: dt.datetime) -> None:
-        self._traveller.shift(instant - self._instant)
-        self._instant = instant
+    def move_to(self, instant: dt.datetime, us: int | None = None) -> None:
+        if us is None:
+            delta = instant - _EPOCH
+            us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+        if self._exact:
+            self._traveller._destination_timestamp_ns = us * 1000
+        else:
+            self._traveller.move_to(_naive_utc(instant))
 
     def stop(self) -> None:
         self._travel.stop()

@@ -141,11 +141,15 @@ class Watchdog:
         if suspect is not anchor:
             return
         task = asyncio.current_task(self._loop)
+        # Known before the exception lands: the clock sees it while the job is still open.
+        first = self.blocked is None
+        if first:
+            self.blocked = Blocked(self._describe_task(task), stack, interrupted=True)
         interrupted = raise_in_thread(self._loop_thread, JobStopped)
         self._interrupts += 1
         self._seen = time.monotonic()  # another limit before trying again
-        if self.blocked is None:
-            self.blocked = Blocked(self._describe_task(task), stack, interrupted)
+        if first and not interrupted and self.blocked is not None:
+            self.blocked = dataclasses.replace(self.blocked, interrupted=False)
 
     def expired(self) -> bool:
         """Whether the limit has passed without progress, or the loop was found blocked."""

@@ -207,20 +207,22 @@ def _fastsched_implied(request: pytest.FixtureRequest) -> None:
 
 @pytest_asyncio.fixture
 async def fastsched_db(
-    request: pytest.FixtureRequest, _fastsched_seal: None
+    request: pytest.FixtureRequest,
+    _fastsched_seal: None,
+    _fastsched_test_clock: VirtualClock | None,
 ) -> AsyncIterator[Database]:
     """The test database, with the app's sessionmaker bound to it for this test.
 
     ``isolation="rollback"`` (default): one connection in an outer transaction, each app
     commit a savepoint release, all rolled back after the test. ``"commit"``: real commits,
-    the tables emptied after the test. An async fixture: give it the test's loop scope.
+    the tables emptied after the test. SQL's ``now()`` reads ``fastsched_clock``; async.
     """
     from pytest_fastsched import _db
 
     stash = request.config.stash
     if DATABASES_KEY not in stash:
         stash[DATABASES_KEY] = _db.for_config(request.config, settings_of(request))
-    async with stash[DATABASES_KEY].open_for(request.node, settings_of(request)) as database:
+    async with stash[DATABASES_KEY].open_for(request.node, _fastsched_test_clock) as database:
         request.node.stash[DATABASE_OF_TEST_KEY] = database
         try:
             yield database
@@ -266,16 +268,14 @@ async def fastsched_client(
 
 
 @pytest.fixture
-def _fastsched_history_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
-    """The test's ``fastsched_clock`` when it uses one: the history then reads virtual time."""
+def _fastsched_test_clock(request: pytest.FixtureRequest) -> VirtualClock | None:
+    """The test's ``fastsched_clock`` when it uses one: the database then reads virtual time."""
     return cast("VirtualClock | None", _if_used(request, "fastsched_clock"))
 
 
 @pytest_asyncio.fixture
 async def fastsched_history(
-    request: pytest.FixtureRequest,
-    fastsched_db: Database,
-    _fastsched_history_clock: VirtualClock | None,
+    request: pytest.FixtureRequest, fastsched_db: Database
 ) -> AsyncIterator[History]:
     """Every write to the status column of the tracked tables' rows during the test.
 
@@ -285,7 +285,7 @@ async def fastsched_history(
     from pytest_fastsched import _history
 
     configured = _history.configured(request.node, settings_of(request))
-    async with _history.record(fastsched_db, configured, _fastsched_history_clock) as history:
+    async with _history.record(fastsched_db, configured, fastsched_db.clock) as history:
         yield history
 
 

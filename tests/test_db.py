@@ -166,6 +166,57 @@ def test_the_apps_session_settings_are_kept_and_restored(db_suite: pytest.Pytest
     db_suite.runpytest_inprocess(*NO_RANDOM_ORDER).assert_outcomes(passed=4)
 
 
+# pytest-asyncio's default: a new loop per test. Two tasks wait for the test connection at
+# once (a lock of SQLAlchemy's adapter then belongs to that test's loop).
+ONE_ENGINE = """
+import asyncio
+
+import pytest
+
+SEEN = []
+
+
+def select_one(connection):
+    cursor = connection.connection.dbapi_connection.cursor()
+    cursor.execute("SELECT 1")
+    cursor.close()
+
+
+async def use_the_test_connection(fastsched_db):
+    async with fastsched_db.connection() as connection:
+        await asyncio.gather(*(connection.run_sync(select_one) for _ in range(3)))
+        raw = await connection.get_raw_connection()
+        SEEN.append((fastsched_db.engine, raw.driver_connection))
+
+
+@pytest.mark.asyncio
+@pytest.mark.parametrize("n", range(3))
+async def test_a_loop_of_its_own(fastsched_db, n):
+    await use_the_test_connection(fastsched_db)
+
+
+@pytest.mark.asyncio
+@pytest.mark.fastsched(isolation="commit")
+async def test_commit(fastsched_db):
+    await use_the_test_connection(fastsched_db)
+
+
+def test_one_engine_served_every_loop():
+    engines = {id(engine) for engine, _ in SEEN}
+    connections = {id(connection) for _, connection in SEEN}
+    assert len(SEEN) == 4 and len(engines) == 1
+    # asyncpg's connections belong to their loop; aiosqlite's pass to the next loop.
+    assert len(connections) == (1 if SEEN[0][0].dialect.name == "sqlite" else 4)
+"""
+
+
+def test_one_engine_serves_every_loop_and_sqlite_keeps_its_connection(
+    db_suite: pytest.Pytester,
+) -> None:
+    db_suite.makepyfile(test_engine=ONE_ENGINE)
+    db_suite.runpytest_inprocess(*NO_RANDOM_ORDER).assert_outcomes(passed=5)
+
+
 ISOLATION_SETTING = """
 import pytest
 

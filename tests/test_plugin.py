@@ -228,6 +228,12 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
             "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
         ),
         (
+            "fastsched_database_clock = frozen",
+            "ERROR: fastsched_database_clock = 'frozen' is not valid: use one of 'virtual', "
+            "'real' (ini option fastsched_database_clock or --fastsched-database-clock). "
+            "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
+        ),
+        (
             "fastsched_engine = app.session.engine",
             "ERROR: fastsched_engine = 'app.session.engine' is not a 'module:attr' path: "
             "write it like 'app.services.scheduler:scheduler'. "
@@ -241,6 +247,7 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
         "watchdog",
         "isolation",
         "sessionmakers",
+        "database-clock",
         "engine",
     ],
 )
