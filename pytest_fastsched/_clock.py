@@ -58,6 +58,9 @@ _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "_ensure_sync_result"),
     ("sqlalchemy.ext.asyncio.session", "_ensure_sync_result"),
     ("aiosqlite.core", "Connection._execute"),
+    # aiosqlite's connect and the end of its close wait for its thread without _execute.
+    ("aiosqlite.core", "Connection._connect"),
+    ("aiosqlite.core", "Connection.close"),
     # anyio's worker threads (anyio.to_thread.run_sync, Starlette's run_in_threadpool, FastAPI's
     # sync endpoints and dependencies) hand their result back with call_soon_threadsafe, not
     # through loop.run_in_executor: only the coroutine that awaits the thread can be counted.

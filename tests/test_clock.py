@@ -274,6 +274,33 @@ async def test_real_io_in_a_job_sees_no_time_jump(
     assert fastsched_scheduler.missed("tick") == []
 
 
+async def test_a_job_waits_for_aiosqlites_connect_and_close(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    import sqlite3
+
+    import aiosqlite
+
+    class SlowToOpen(sqlite3.Connection):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.2)  # aiosqlite's own thread: real time
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    done: list[dt.datetime] = []
+
+    async def scratch() -> None:
+        async with aiosqlite.connect(":memory:", factory=SlowToOpen) as db:
+            await db.execute("SELECT 1")
+        done.append(dt.datetime.now(UTC))
+
+    scheduler.add_job(scratch, "date", run_date=at(second=10), id="scratch")
+    await fastsched_clock.advance(seconds=20)
+    # Before, the connect (and the end of close) went by unseen: advance() returned with the
+    # job still waiting for aiosqlite's thread, which later wrote to a closed loop.
+    assert done == [at(second=10)]
+    assert [run.outcome for run in fastsched_scheduler.runs_of("scratch")] == ["success"]
+
+
 @pytest.mark.parametrize("executor", ["default", "threads"])
 async def test_sync_jobs_see_virtual_time_and_advance_waits_for_them(
     fastsched_clock: VirtualClock,
