@@ -2,8 +2,9 @@
 
 The wall clock (``datetime.now()``, ``datetime.utcnow()``, ``time.time()``, in every thread)
 is patched by a pluggable backend (freezegun or time-machine). The event loop's clock is
-patched on the loop instance only: ``time.monotonic`` is never patched globally, because that
-hangs asyncio and every ``threading`` timeout.
+patched on the loop instance only: a virtual ``time.monotonic`` for everyone would hang
+asyncio and every ``threading`` timeout, so it reads virtual time only inside job runs
+(:mod:`._jobtime`).
 
 Time moves only inside :meth:`VirtualClock.advance`, :meth:`VirtualClock.advance_to`,
 :meth:`VirtualClock.jump`, :meth:`VirtualClock.run_until_idle` and, while a request of the
@@ -35,8 +36,9 @@ from typing import Any, TypeVar
 
 import pytest
 
-from pytest_fastsched import _leftovers, _threads, _watchdog
+from pytest_fastsched import _jobtime, _leftovers, _threads, _watchdog
 from pytest_fastsched._leftovers import LeftoverWorkError
+from pytest_fastsched._network import NetworkCalls
 from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import make_wall_clock, refuse_foreign_freezes
 from pytest_fastsched._watchdog import Watchdog
@@ -69,6 +71,26 @@ _IO_TARGETS = (
 # Imported before wrapping, when installed: anyio loads its backend on first use, which may be
 # inside a job, after the clock call that would have wrapped it began.
 _IO_IMPORTS = ("anyio._backends._asyncio",)
+# The async functions that wait for a socket (see _network): httpx's transport (httpcore),
+# aiohttp's client (its connector, the response's head and body), asyncio's streams, and
+# every connect on asyncio's own loops.
+_NETWORK_TARGETS = (
+    ("httpcore._backends.anyio", "AnyIOBackend.connect_tcp"),
+    ("httpcore._backends.anyio", "AnyIOBackend.connect_unix_socket"),
+    ("httpcore._backends.anyio", "AnyIOStream.read"),
+    ("httpcore._backends.anyio", "AnyIOStream.write"),
+    ("httpcore._backends.anyio", "AnyIOStream.start_tls"),
+    ("asyncio.streams", "StreamReader._wait_for_data"),
+    ("asyncio.streams", "StreamWriter.drain"),
+    ("asyncio.selector_events", "BaseSelectorEventLoop.sock_connect"),
+    ("aiohttp.connector", "BaseConnector.connect"),
+    ("aiohttp.streams", "DataQueue.read"),
+    ("aiohttp.streams", "StreamReader._wait"),
+)
+# Target modules that their packages import on first use (httpx imports httpcore when a
+# client is made, httpcore its backend on the first connection): imported, to be wrapped,
+# once one of these packages is.
+_LAZY_MODULES = {"httpcore._backends.anyio": ("httpx", "httpcore")}
 
 
 class ClockError(Exception):
@@ -156,8 +178,9 @@ class _LoopPatch:
                 executor = clock.default_executor()
                 call = _threads.Labelled(call, _threads.describe_call(func, args))
             future = original_run_in_executor(executor, call, *args)
-            inflight.enter()
-            future.add_done_callback(lambda _: inflight.exit())
+            if not isinstance(executor, _threads.JobThreads):  # those count their own work
+                inflight.enter()
+                future.add_done_callback(lambda _: inflight.exit())
             return future
 
         def create_task(coro: Any, **kwargs: Any) -> Any:
@@ -238,18 +261,20 @@ class _LoopPatch:
 
 
 class _IoCounter:
-    """Counts database I/O in flight by wrapping the async functions that wait for drivers.
+    """Counts I/O in flight by wrapping the async functions that wait for drivers and sockets.
 
     Every awaited database call of SQLAlchemy's asyncio extension (connect, execute, fetch,
     commit, rollback, close) runs inside ``greenlet_spawn``, except the cursor soft-close of
     ``_ensure_sync_result`` (SQLAlchemy 2.0.44+); raw aiosqlite calls all go through
     ``Connection._execute``. While one of them is in flight the loop waits for a driver
-    (aiosqlite's thread, asyncpg's socket), so time must not jump. The wrappers are in place
-    only while a clock is attached.
+    (aiosqlite's thread, asyncpg's socket), so time must not jump. Network calls
+    (``_NETWORK_TARGETS``) are counted by :class:`~._network.NetworkCalls`, which holds time
+    at real pace. The wrappers are in place only while a clock is attached.
     """
 
-    def __init__(self, inflight: _Inflight) -> None:
+    def __init__(self, inflight: _Inflight, network: NetworkCalls) -> None:
         self._inflight = inflight
+        self._network = network
         self._patched: list[tuple[Any, str, Any]] = []
         self.install()
 
@@ -262,21 +287,32 @@ class _IoCounter:
             if module_name not in sys.modules:
                 with contextlib.suppress(ImportError):
                     importlib.import_module(module_name)
+        counting = functools.partial(self._counting, inflight=self._inflight)
+        holding = functools.partial(self._holding, network=self._network)
         for module_name, path in _IO_TARGETS:
-            owner: Any = sys.modules.get(module_name)
-            *parents, name = path.split(".")
-            for parent in parents:
-                owner = getattr(owner, parent, None)
-            original = getattr(owner, name, None)
-            if original is None or getattr(original, "_fastsched", False):
-                continue
-            # A classmethod is wrapped as one (its function), and put back as it was.
-            raw = vars(owner).get(name, original) if isinstance(owner, type) else original
-            wrapped: Any = self._counting(original, self._inflight)
-            if isinstance(raw, classmethod):
-                wrapped = classmethod(self._counting(raw.__func__, self._inflight))
-            setattr(owner, name, wrapped)
-            self._patched.append((owner, name, raw))
+            self._wrap(module_name, path, counting)
+        for module_name, path in _NETWORK_TARGETS:
+            _import_if_package_loaded(module_name)
+            self._wrap(module_name, path, holding)
+
+    def _wrap(self, module_name: str, path: str, wrapper: Callable[[Any], Any]) -> None:
+        import sys
+
+        owner: Any = sys.modules.get(module_name)
+        *parents, name = path.split(".")
+        for parent in parents:
+            owner = getattr(owner, parent, None)
+        original = getattr(owner, name, None)
+        if original is None or getattr(original, "_fastsched", False):
+            return
+        # A classmethod is wrapped as one (its function), and put back as it was.
+        raw = vars(owner).get(name, original) if isinstance(owner, type) else original
+        if isinstance(raw, classmethod):
+            wrapped: Any = classmethod(wrapper(raw.__func__))
+        else:
+            wrapped = wrapper(original)
+        setattr(owner, name, wrapped)
+        self._patched.append((owner, name, raw))
 
     @staticmethod
     def _counting(original: Callable[..., Awaitable[Any]], inflight: _Inflight) -> Any:
@@ -291,10 +327,34 @@ class _IoCounter:
         counted._fastsched = True  # type: ignore[attr-defined]
         return counted
 
+    @staticmethod
+    def _holding(original: Callable[..., Awaitable[Any]], network: NetworkCalls) -> Any:
+        @functools.wraps(original)
+        async def held(*args: Any, **kwargs: Any) -> Any:
+            counted = network.enter()
+            try:
+                return await original(*args, **kwargs)
+            finally:
+                if counted:
+                    network.exit()
+
+        held._fastsched = True  # type: ignore[attr-defined]
+        return held
+
     def restore(self) -> None:
         for owner, name, original in reversed(self._patched):
             setattr(owner, name, original)
         self._patched.clear()
+
+
+def _import_if_package_loaded(module_name: str) -> None:
+    """Import a target module its package would import on first use (``_LAZY_MODULES``)."""
+    import importlib
+    import sys
+
+    packages = _LAZY_MODULES.get(module_name, ())
+    if module_name not in sys.modules and any(package in sys.modules for package in packages):
+        importlib.import_module(module_name)
 
 
 class VirtualClock:
@@ -316,6 +376,9 @@ class VirtualClock:
         self._now = (self.now_us, from_us(self.now_us))
         self.watchdog_seconds = watchdog
         self.inflight = _Inflight()
+        self.network = NetworkCalls(
+            lambda: self.loop, lambda: self.now_us, self._next_timer_us, self._wake_waiter
+        )
         self._wall = make_wall_clock(backend)
         self._loop_patch: _LoopPatch | None = None
         self._io_counter: _IoCounter | None = None
@@ -324,7 +387,7 @@ class VirtualClock:
         self._started = False
         self._unguard: Callable[[], None] = lambda: None
         self._checks: list[Callable[[], None]] = []
-        self._busy_sources: list[Callable[[], int]] = []
+        self._busy_sources: list[Callable[[], int]] = [self.network.holding]
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
         self._describers: list[Callable[[], list[str]]] = []
         self._on_drive: list[Callable[[], None]] = []
@@ -376,8 +439,9 @@ class VirtualClock:
                     "from the test's own loop"
                 )
             return
-        self._loop_patch = _LoopPatch(loop, self)
-        self._io_counter = _IoCounter(self.inflight)
+        patch = self._loop_patch = _LoopPatch(loop, self)
+        self._io_counter = _IoCounter(self.inflight, self.network)
+        _jobtime.install(_jobtime.JobTime(loop, lambda: patch.loop_time, self.poke))
         for callback in self._on_attach:
             callback(loop)
 
@@ -415,6 +479,7 @@ class VirtualClock:
             self._io_counter.restore()
             self._io_counter = None
         if self._loop_patch is not None:
+            _jobtime.uninstall()
             self._loop_patch.restore()
             self._loop_patch = None
         if self._started:
@@ -455,7 +520,7 @@ class VirtualClock:
 
     def thread_executor(self, name: str, max_workers: int | None = None) -> _threads.JobThreads:
         """A :class:`~._threads.JobThreads` the watchdog watches, shut down with the clock."""
-        executor = _threads.JobThreads(name, max_workers)
+        executor = _threads.JobThreads(name, max_workers, on_change=self.poke)
         self._executors.append(executor)
         return executor
 
@@ -471,8 +536,9 @@ class VirtualClock:
         loop = patch.loop
         if _get_running_loop() is loop:
             self._wake_waiter()  # on the loop's own thread: no self-pipe write
-        elif not loop.is_closed():
-            loop.call_soon_threadsafe(self._wake_waiter)
+        else:
+            with contextlib.suppress(RuntimeError):  # closed meanwhile
+                loop.call_soon_threadsafe(self._wake_waiter)
 
     def _wake_waiter(self) -> None:
         waiter = self.inflight.waiter
@@ -775,6 +841,10 @@ class VirtualClock:
         else:
             when = head.when()
         return self._loop_patch.us_of_loop_time(when), when
+
+    def _next_timer_us(self) -> int | None:
+        deadline = None if self._loop_patch is None else self._next_deadline()
+        return None if deadline is None else deadline[0]
 
     def _busy(self) -> int:
         busy = self.inflight.count

@@ -38,7 +38,7 @@ from pytest_fastsched import _asserts, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
-from pytest_fastsched._threads import JobStopped
+from pytest_fastsched._threads import JobStopped, JobThreads
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""
@@ -438,9 +438,10 @@ class SchedulerHarness:
     def _label_runs(self) -> None:
         """Submit each job run with ``current_run`` set, so the run's task inherits it.
 
-        A run given to a thread pool is opened (and counted as work in flight) before the
-        pool gets it: a fast job's EVENT_JOB_EXECUTED, sent from the pool's thread, may come
-        before the scheduler sends EVENT_JOB_SUBMITTED.
+        A run given to a thread pool is opened before the pool gets it: a fast job's
+        EVENT_JOB_EXECUTED, sent from the pool's thread, may come before the scheduler sends
+        EVENT_JOB_SUBMITTED. It is counted as work in flight here unless the pool is a
+        :class:`~._threads.JobThreads`, which counts its own (a job sleeping in it holds none).
         """
         from apscheduler.executors.asyncio import AsyncIOExecutor
 
@@ -456,9 +457,13 @@ class SchedulerHarness:
                 run_times: list[dt.datetime],
                 submit: Any = submit,
                 threaded: bool = threaded,
+                executor: Any = executor,
             ) -> Any:
                 keys = [(job.id, _utc(run_time)) for run_time in run_times]
-                opened = self._open_thread_runs(keys) if threaded else []
+                opened = []
+                if threaded:
+                    counted = not isinstance(getattr(executor, "_pool", None), JobThreads)
+                    opened = self._open_thread_runs(keys, counted=counted)
                 token = current_run.set(RunRef(job.id, keys[0][1], self.replica))
                 try:
                     return submit(job, run_times)
@@ -471,13 +476,16 @@ class SchedulerHarness:
             executor._do_submit_job = labelled
             self._labelled.append(executor)
 
-    def _open_thread_runs(self, keys: list[tuple[str, dt.datetime]]) -> list[JobRun]:
+    def _open_thread_runs(
+        self, keys: list[tuple[str, dt.datetime]], *, counted: bool
+    ) -> list[JobRun]:
         now = self.clock.now()
         opened = []
         with self._lock:
             for key in keys:
-                self._thread_runs[key] += 1
-                self._thread_jobs += 1
+                if counted:
+                    self._thread_runs[key] += 1
+                    self._thread_jobs += 1
                 if not self._manual_submit:  # run_job() opened its run itself
                     opened.append(JobRun(key[0], key[1], now, replica=self.replica))
                     self._opened[key] += 1

@@ -21,7 +21,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Iterable
-from typing import Any
+from typing import Any, Literal
 
 from pytest_fastsched._records import RunRef, current_run
 
@@ -82,17 +82,34 @@ class Labelled:
         return self.fn(*args, **kwargs)
 
 
+class Parking:
+    """One sleep of a job thread in virtual time: while parked, it holds no work in flight."""
+
+    def __init__(self) -> None:
+        self.state: Literal["new", "parked", "awake"] = "new"
+
+
+_current = threading.local()
+
+
 class JobThreads(concurrent.futures.Executor):
     """Runs each call on a daemon thread of its own, at most ``max_workers`` at once.
 
     A thread that never returns then blocks neither the loop's close nor the interpreter's
     exit, and :meth:`stop` ends one that runs Python code. ``running`` maps each thread that
-    runs a call to what it runs.
+    runs a call to what it runs. ``on_change`` is called (in the thread) whenever ``pending``
+    drops: the clock waiting for the work wakes up.
     """
 
-    def __init__(self, name: str, max_workers: int | None = None) -> None:
+    def __init__(
+        self,
+        name: str,
+        max_workers: int | None = None,
+        on_change: Callable[[], None] | None = None,
+    ) -> None:
         self._name = name
         self.max_workers = max_workers
+        self._on_change = on_change
         self._slots = threading.BoundedSemaphore(max_workers) if max_workers else None
         self._lock = threading.Lock()
         self._count = 0
@@ -111,8 +128,8 @@ class JobThreads(concurrent.futures.Executor):
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future.
 
-        The call runs in a copy of the submitter's context, as ``asyncio.to_thread`` does:
-        a thread-pool job knows its job run (``current_run``).
+        The call runs in a copy of the caller's context, as ``asyncio.to_thread`` does: a job
+        run's thread knows its run (``current_run``).
         """
         with self._lock:
             if self._shutdown:
@@ -150,10 +167,13 @@ class JobThreads(concurrent.futures.Executor):
                     return
                 with self._lock:
                     self.running[thread] = label
+                _current.executor = self
                 try:
                     outcome: tuple[bool, Any] = (True, fn(*args, **kwargs))
                 except BaseException as error:
                     outcome = (False, error)
+                finally:
+                    _current.executor = None
                 with self._lock:
                     del self.running[thread]
                     if thread in self._stopped:
@@ -171,6 +191,34 @@ class JobThreads(concurrent.futures.Executor):
         finally:
             with self._lock:
                 self.pending -= 1
+            if self._on_change is not None:
+                self._on_change()
+
+    @staticmethod
+    def of_this_thread() -> JobThreads | None:
+        """The executor whose call the current thread runs, or ``None``."""
+        executor: JobThreads | None = getattr(_current, "executor", None)
+        return executor
+
+    def park(self, parking: Parking) -> None:
+        """The thread sleeps in virtual time: its call no longer counts as work in flight.
+
+        Does nothing when the sleep has ended already (:meth:`unpark` came first).
+        """
+        with self._lock:
+            if parking.state != "new":
+                return
+            parking.state = "parked"
+            self.pending -= 1
+        if self._on_change is not None:
+            self._on_change()
+
+    def unpark(self, parking: Parking) -> None:
+        """The sleep is over (or the thread was stopped): the call is work in flight again."""
+        with self._lock:
+            if parking.state == "parked":
+                self.pending += 1
+            parking.state = "awake"
 
     def stop(self, thread: threading.Thread) -> bool:
         """Raise :class:`JobStopped` in ``thread`` if it still runs a call."""

@@ -41,8 +41,9 @@ _MAX_INTERRUPTS = 3
 WALL_CLOCK_HINT = (
     "Under virtual time the wall clock (datetime.now(), time.time()) stands still except "
     "inside fastsched_clock calls, in every thread: a loop that waits for the wall clock to "
-    "pass a deadline never ends. Wait with asyncio.sleep() in an async job (virtual time), or "
-    "measure real time with time.monotonic()."
+    "pass a deadline never ends unless it sleeps in virtual time. Sleep with asyncio.sleep() "
+    "in an async job or time.sleep() in a job thread; threading's own timeouts (Event.wait, "
+    "Queue.get) wait in real time."
 )
 _WALL_CLOCK_READ = re.compile(r"\b(?:now|utcnow|today|time|time_ns)\(\)|\.now\(")
 _PACKAGE = os.path.dirname(os.path.abspath(__file__)).replace("\\", "/") + "/"

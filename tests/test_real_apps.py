@@ -34,7 +34,7 @@ def _suite(pytester: pytest.Pytester, ini: str = "", **files: str) -> pytest.Run
 
 THREAD_POOL_APP = """
 import datetime as dt
-import time
+import threading
 
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
@@ -51,7 +51,7 @@ def work():
 
 
 def slow_work():
-    time.sleep(0.05)
+    threading.Event().wait(0.05)  # real work: time.sleep() would sleep in virtual time
 
 
 scheduler.add_job(work, "interval", seconds=10, id="work")
@@ -214,7 +214,7 @@ def test_a_thread_pool_shut_down_by_the_app_runs_jobs_again_when_it_restarts_in_
 WORKER_THREAD_TESTS = """
 import asyncio
 import datetime as dt
-import time
+import threading
 
 import anyio.to_thread
 import pytest
@@ -239,7 +239,7 @@ async def test_time_holds_while_a_job_waits_for_a_thread(
     seen = []
 
     def blocking():
-        time.sleep(0.05)
+        threading.Event().wait(0.05)  # real work: time.sleep() would sleep in virtual time
         return dt.datetime.now(UTC)
 
     async def job():
