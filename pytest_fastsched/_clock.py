@@ -40,7 +40,7 @@ from pytest_fastsched import _jobtime, _leftovers, _threads, _watchdog
 from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._network import NetworkCalls
 from pytest_fastsched._options import Settings, clock_backend, marker_options
-from pytest_fastsched._wallclock import make_wall_clock
+from pytest_fastsched._wallclock import make_wall_clock, refuse_foreign_freezes
 from pytest_fastsched._watchdog import Watchdog
 
 _T = TypeVar("_T")
@@ -60,7 +60,17 @@ _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "_ensure_sync_result"),
     ("sqlalchemy.ext.asyncio.session", "_ensure_sync_result"),
     ("aiosqlite.core", "Connection._execute"),
+    # aiosqlite's connect and the end of its close wait for its thread without _execute.
+    ("aiosqlite.core", "Connection._connect"),
+    ("aiosqlite.core", "Connection.close"),
+    # anyio's worker threads (anyio.to_thread.run_sync, Starlette's run_in_threadpool, FastAPI's
+    # sync endpoints and dependencies) hand their result back with call_soon_threadsafe, not
+    # through loop.run_in_executor: only the coroutine that awaits the thread can be counted.
+    ("anyio._backends._asyncio", "AsyncIOBackend.run_sync_in_worker_thread"),
 )
+# Imported before wrapping, when installed: anyio loads its backend on first use, which may be
+# inside a job, after the clock call that would have wrapped it began.
+_IO_IMPORTS = ("anyio._backends._asyncio",)
 # The async functions that wait for a socket (see _network): httpx's transport (httpcore),
 # aiohttp's client (its connector, the response's head and body), asyncio's streams, and
 # every connect on asyncio's own loops.
@@ -270,6 +280,13 @@ class _IoCounter:
 
     def install(self) -> None:
         """Wrap the targets imported so far; called again before each clock call."""
+        import importlib
+        import sys
+
+        for module_name in _IO_IMPORTS:
+            if module_name not in sys.modules:
+                with contextlib.suppress(ImportError):
+                    importlib.import_module(module_name)
         counting = functools.partial(self._counting, inflight=self._inflight)
         holding = functools.partial(self._holding, network=self._network)
         for module_name, path in _IO_TARGETS:
@@ -288,8 +305,14 @@ class _IoCounter:
         original = getattr(owner, name, None)
         if original is None or getattr(original, "_fastsched", False):
             return
-        setattr(owner, name, wrapper(original))
-        self._patched.append((owner, name, original))
+        # A classmethod is wrapped as one (its function), and put back as it was.
+        raw = vars(owner).get(name, original) if isinstance(owner, type) else original
+        if isinstance(raw, classmethod):
+            wrapped: Any = classmethod(wrapper(raw.__func__))
+        else:
+            wrapped = wrapper(original)
+        setattr(owner, name, wrapped)
+        self._patched.append((owner, name, raw))
 
     @staticmethod
     def _counting(original: Callable[..., Awaitable[Any]], inflight: _Inflight) -> Any:
@@ -362,6 +385,7 @@ class VirtualClock:
         self._driving = False
         self._drive_ended: list[asyncio.Future[None]] = []
         self._started = False
+        self._unguard: Callable[[], None] = lambda: None
         self._checks: list[Callable[[], None]] = []
         self._busy_sources: list[Callable[[], int]] = [self.network.holding]
         self._on_attach: list[Callable[[asyncio.AbstractEventLoop], None]] = []
@@ -396,9 +420,14 @@ class VirtualClock:
     # -- life cycle ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        """Put the wall clock on virtual time (the fixture calls this)."""
+        """Put the wall clock on virtual time (the fixture calls this).
+
+        Until :meth:`close`, a freeze of freezegun or time-machine started by the test is
+        refused with a ``ClockError`` that says how to move the virtual clock instead.
+        """
         self._wall.start(self.now())
         self._started = True
+        self._unguard = refuse_foreign_freezes(self.now, ClockError)
 
     def attach(self, loop: asyncio.AbstractEventLoop | None = None) -> None:
         """Put ``loop`` (default: the running loop) on virtual time; idempotent."""
@@ -454,6 +483,7 @@ class VirtualClock:
             self._loop_patch.restore()
             self._loop_patch = None
         if self._started:
+            self._unguard()
             self._wall.stop()
             self._started = False
 

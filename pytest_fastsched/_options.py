@@ -526,6 +526,9 @@ class MarkerOptions:
     replicas: int = 1
     prepared_statements: PreparedStatementMode | None = None
     allow_databases: tuple[str, ...] = ()
+    scheduler: bool = True
+    """``False``: a test that uses ``fastsched_clock`` does not drive the configured
+    scheduler unless it asks for ``fastsched_scheduler``."""
 
 
 def _marker_signature(
@@ -537,6 +540,7 @@ def _marker_signature(
     replicas: int = 1,
     prepared_statements: str | None = None,
     allow_databases: Sequence[str] = (),
+    scheduler: bool = True,
 ) -> MarkerOptions:
     isolation = _replica_isolation(replicas, isolation)
     if isolation is not None and isolation not in ISOLATION_MODES:
@@ -562,7 +566,17 @@ def _marker_signature(
         replicas=replicas,
         prepared_statements=prepared_statements,  # type: ignore[arg-type]
         allow_databases=_allowed_of_marker(allow_databases),
+        scheduler=_scheduler_of_marker(scheduler),
     )
+
+
+def _scheduler_of_marker(scheduler: object) -> bool:
+    if not isinstance(scheduler, bool):
+        raise pytest.UsageError(
+            f"@pytest.mark.fastsched(scheduler={scheduler!r}) is not valid: use False (the "
+            "clock does not drive the configured scheduler) or True (the default)"
+        )
+    return scheduler
 
 
 def _allowed_of_marker(allow_databases: object) -> tuple[str, ...]:
@@ -598,7 +612,7 @@ def _replica_isolation(replicas: object, isolation: str | None) -> str | None:
 
 MARKER_HELP = (
     "fastsched(*, start=None, isolation=None, job_errors='raise', track=None, replicas=1, "
-    "prepared_statements=None, allow_databases=()): "
+    "prepared_statements=None, allow_databases=(), scheduler=True): "
     "per-test settings of pytest-fastsched: the virtual start instant, the database isolation "
     "mode ('rollback' or 'commit'), whether job exceptions fail the test ('raise') or are only "
     "recorded ('record'), the tables fastsched_history records "
@@ -606,7 +620,9 @@ MARKER_HELP = (
     "of the app's scheduler run (replicas > 1 implies isolation='commit'), and whether named "
     "prepared statements that would break behind a transaction-mode pooler fail the test "
     "('check'), are only recorded ('record') or not looked at ('ignore'; PostgreSQL only), "
-    "and the databases the test may reach besides the test database (a list of URLs)."
+    "the databases the test may reach besides the test database (a list of URLs), "
+    "and whether a test that uses fastsched_clock drives the configured scheduler (True) "
+    "or only when it asks for fastsched_scheduler (False)."
 )
 
 
@@ -623,15 +639,22 @@ def marker_options(node: pytest.Item) -> MarkerOptions:
     return options
 
 
-def implied(node: pytest.Item) -> list[str]:
+def implied(node: pytest.Item, settings: Settings) -> list[str]:
     """The plugin fixtures a test needs without naming them, in set-up order.
 
     ``@pytest.mark.fastsched(replicas=N)`` with N > 1 needs ``fastsched_scheduler``, which
-    runs the replicas.
+    runs the replicas. So does a test that uses ``fastsched_clock`` when the settings name
+    the app's scheduler: moving time fires the app's jobs, as in production, unless the
+    marker says ``scheduler=False``. Set up before the test's other fixtures, the scheduler
+    is running (paused at the virtual start) when the app's set-up code adds its jobs.
     """
-    if node.get_closest_marker("fastsched") is None:
+    marked = node.get_closest_marker("fastsched") is not None
+    if marked and marker_options(node).replicas > 1:
+        return ["fastsched_scheduler"]
+    fixtures = getattr(node, "fixturenames", ())
+    if settings.scheduler is None or "fastsched_clock" not in fixtures:
         return []
-    return ["fastsched_scheduler"] if marker_options(node).replicas > 1 else []
+    return [] if marked and not marker_options(node).scheduler else ["fastsched_scheduler"]
 
 
 def check_marker_unchanged(item: pytest.Item) -> None:

@@ -120,16 +120,21 @@ class ReplicaSet:
             scheduler = _replica_of(main.scheduler)
             for job in main.scheduler.get_jobs():
                 _add_copy(scheduler, job)
-            harness.attach(scheduler)  # starts it: the clock is on the test's loop by now
+            harness.attach(scheduler)  # starts it, paused until the first clock call
             self.harnesses.append(harness)
         engine = self._engine()
         if engine is not None:
-            loop = self.main.clock.loop or asyncio.get_running_loop()
+            # Started in a sync fixture, the replicas warm the pool once the loop is known.
+            self.main.clock.on_attach(lambda loop: self._warm_on(loop, engine))
+
+    def _warm_on(self, loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
+        if self._warming is None and self.harnesses and not self._closed:
             self._warming = loop.create_task(_warm(engine, self.count))
 
     def _stop(self) -> None:
         if self._warming is not None:
             self._warming.cancel()
+            self._warming = None
         for harness in self.harnesses:
             harness.close()
         self.harnesses.clear()

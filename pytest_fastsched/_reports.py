@@ -5,6 +5,7 @@
   ``MissingGreenlet``, the timeline of job runs and row writes
   (``--fastsched-timeline``, every test with ``-v``), and which replica ran which job run.
 - The timelines of the tests that passed, with ``--fastsched-timeline -v``, at the end.
+- A fixture's failure that the plugin can explain (:func:`explain_fixture_error`).
 
 Each is built from what the fixtures left on the test (its ``fastsched_db``, its
 ``fastsched_scheduler`` and ``fastsched_history``) and the seal's refusals.
@@ -17,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from pytest_fastsched import _asserts, _options
+from pytest_fastsched import _asserts, _options, _wallclock
 from pytest_fastsched._leftovers import LeftoverWorkError
 
 TIMELINE_SECTION = "fastsched timeline"
@@ -122,3 +123,18 @@ def terminal_summary(
     for nodeid, content in shown:
         terminalreporter.write_sep("-", nodeid)
         terminalreporter.write_line(content)
+
+
+def explain_fixture_error(fixture: str, error: BaseException) -> None:
+    """Fail the set-up of ``fixture`` with what to do, when the plugin knows the cause.
+
+    The app imported while freezegun runs (:func:`._wallclock.explain_frozen_import`), or an
+    ``AsyncIOScheduler`` started with no running loop
+    (:func:`._scheduler.explain_start_without_loop`). Returns for other errors.
+    """
+    __tracebackhide__ = True
+    _wallclock.explain_frozen_import(fixture, error)
+    if "no running event loop" in str(error):
+        from pytest_fastsched import _scheduler
+
+        _scheduler.explain_start_without_loop(fixture, error)

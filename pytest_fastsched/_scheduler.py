@@ -22,8 +22,10 @@ import dataclasses
 import datetime as dt
 import functools
 import inspect
+import os
 import re
 import threading
+import traceback
 import types
 import warnings
 from asyncio import _get_running_loop
@@ -231,7 +233,6 @@ class SchedulerHarness:
         self._open: dict[tuple[str, dt.datetime, int], list[JobRun]] = {}
         self._new_errors: collections.deque[JobRun] = collections.deque()
         self._late_executors = False
-        self._threads_possible = True  # until the executors are known: see _label_runs
         self.scheduler: Any = None
         self.autostart = True
         self._held = False
@@ -240,6 +241,11 @@ class SchedulerHarness:
         self._expectations: list[_Expectation] = []
         self._stores: _JobStores | None = None
         self._thread_jobs = 0
+        """Runs handed to a thread pool and not finished: work in flight for the clock."""
+        self._thread_runs: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
+        self._opened: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
+        self._manual_submit = False
+        self._internal_start = False
         self._labelled: list[Any] = []
         self._pools: list[tuple[Any, Any]] = []
         clock.add_check(self._raise_job_errors)
@@ -257,10 +263,13 @@ class SchedulerHarness:
         """
         from apscheduler.events import EVENT_ALL
 
+        if self.scheduler is scheduler:
+            return  # taken over when the app started it
         if self.scheduler is not None:
             raise ClockError("fastsched_scheduler is already attached to a scheduler")
         check_scheduler(scheduler, "fastsched_scheduler")
         self.scheduler = scheduler
+        scheduler._fastsched_harness = self
         self._stores = _JobStores(scheduler)
         self._install_wakeups(scheduler)
         for job in self._all_jobs():
@@ -269,6 +278,10 @@ class SchedulerHarness:
         scheduler.add_listener(self._on_event, EVENT_ALL)
         self.clock.on_drive(self._release)
         self.clock.on_attach(self._on_loop)
+        if self.clock.loop is None and self.autostart and scheduler.state == _stopped():
+            # Fixtures run before the test's loop is known: start it now, paused at the
+            # virtual start, so that set-up code sees it running (job.next_run_time).
+            self._start_pending(app_paused=False)
         if self.replica_count > 1:
             self.use_replicas(self.replica_count, engine=self._replica_engine)
 
@@ -345,7 +358,13 @@ class SchedulerHarness:
 
         scheduler = self.scheduler
         previous = scheduler._eventloop
-        if scheduler.state != STATE_STOPPED and (previous is None or previous.is_closed()):
+        if isinstance(previous, _PendingLoop):
+            # Started (paused) before the test's loop was known: move it onto that loop.
+            for holder in [scheduler, *scheduler._executors.values()]:
+                if getattr(holder, "_eventloop", None) is previous:
+                    holder._eventloop = loop
+            previous.hand_over(loop)
+        elif scheduler.state != STATE_STOPPED and (previous is None or previous.is_closed()):
             # Left running by an earlier test whose loop is gone: reset it.
             scheduler.state = STATE_STOPPED
             scheduler._timeout = None
@@ -355,8 +374,59 @@ class SchedulerHarness:
                 # Paused until the first clock call: a job due at the start instant fires
                 # inside that call, not at whatever the test awaits first.
                 self._held = not self.clock.driving
-                scheduler.start(paused=self._held)
+                self._start_internally(paused=self._held)
         self._label_runs()
+
+    def _start_internally(self, *, paused: bool) -> None:
+        self._internal_start = True
+        try:
+            self.scheduler.start(paused=paused)
+        finally:
+            self._internal_start = False
+
+    def _start_pending(self, *, app_paused: bool) -> None:
+        """Start the scheduler paused, on a stand-in loop until the test's loop attaches."""
+        from apscheduler.schedulers.base import BaseScheduler
+
+        self.scheduler._eventloop = _PendingLoop()
+        # AsyncIOScheduler.start() would ask for the running loop: there is none yet.
+        BaseScheduler.start(self.scheduler, paused=True)
+        self._held = not app_paused
+
+    def app_start(self, scheduler: Any, paused: bool, start: Callable[..., Any]) -> Any:
+        """``scheduler.start(paused)`` called by the app (or a fixture) during the test.
+
+        A scheduler started while the test runs is taken under the harness when the harness
+        has none yet (an app that builds its scheduler in its lifespan). Until the first
+        clock call it stays paused at the virtual start, as the harness's own start does;
+        inside a clock call (the lifespan under ``fastsched_client``) it starts as asked.
+        ``start`` is APScheduler's own ``AsyncIOScheduler.start``.
+        """
+        __tracebackhide__ = True
+        if self._internal_start:
+            return start(scheduler, paused)
+        if self.scheduler is None:
+            self.attach(scheduler)
+        elif scheduler is not self.scheduler:
+            warnings.warn(
+                FastschedWarning(_second_scheduler(scheduler, self.scheduler)), stacklevel=3
+            )
+            return start(scheduler, paused)
+        if scheduler.state != _stopped():
+            if self._held or isinstance(scheduler._eventloop, _PendingLoop):
+                # The harness started it (paused at the virtual start): the app takes it over.
+                self._held = self._held and not paused
+                return None
+            return start(scheduler, paused)  # APScheduler's own "already running" error
+        if not _loop_running() and (
+            scheduler._eventloop is None or scheduler._eventloop.is_closed()
+        ):
+            self._start_pending(app_paused=paused)  # a sync fixture: no loop yet
+            return None
+        if self.clock.driving or paused:
+            return start(scheduler, paused)
+        self._held = True
+        return start(scheduler, True)
 
     def _release(self) -> None:
         from apscheduler.schedulers.base import STATE_PAUSED
@@ -366,41 +436,102 @@ class SchedulerHarness:
         self._held = False
 
     def _label_runs(self) -> None:
-        """Submit each job run with ``current_run`` set, so the run's task inherits it."""
-        self._threads_possible = self._any_pool()
+        """Submit each job run with ``current_run`` set, so the run's task inherits it.
+
+        A run given to a thread pool is opened before the pool gets it: a fast job's
+        EVENT_JOB_EXECUTED, sent from the pool's thread, may come before the scheduler sends
+        EVENT_JOB_SUBMITTED. It is counted as work in flight here unless the pool is a
+        :class:`~._threads.JobThreads`, which counts its own (a job sleeping in it holds none).
+        """
+        from apscheduler.executors.asyncio import AsyncIOExecutor
+
         for alias, executor in self.scheduler._executors.items():
             self._watch_pool(alias, executor)
             if "_do_submit_job" in vars(executor):
                 continue
             submit = executor._do_submit_job
+            threaded = not isinstance(executor, AsyncIOExecutor)
 
-            def labelled(job: Any, run_times: list[dt.datetime], submit: Any = submit) -> Any:
-                token = current_run.set(RunRef(job.id, _utc(run_times[0]), self.replica))
+            def labelled(
+                job: Any,
+                run_times: list[dt.datetime],
+                submit: Any = submit,
+                threaded: bool = threaded,
+                executor: Any = executor,
+            ) -> Any:
+                keys = [(job.id, _utc(run_time)) for run_time in run_times]
+                opened = []
+                if threaded:
+                    counted = not isinstance(getattr(executor, "_pool", None), JobThreads)
+                    opened = self._open_thread_runs(keys, counted=counted)
+                token = current_run.set(RunRef(job.id, keys[0][1], self.replica))
                 try:
                     return submit(job, run_times)
+                except BaseException as error:
+                    self._not_submitted(keys if threaded else [], opened, error)
+                    raise
                 finally:
                     current_run.reset(token)
 
             executor._do_submit_job = labelled
             self._labelled.append(executor)
 
+    def _open_thread_runs(
+        self, keys: list[tuple[str, dt.datetime]], *, counted: bool
+    ) -> list[JobRun]:
+        now = self.clock.now()
+        opened = []
+        with self._lock:
+            for key in keys:
+                if counted:
+                    self._thread_runs[key] += 1
+                    self._thread_jobs += 1
+                if not self._manual_submit:  # run_job() opened its run itself
+                    opened.append(JobRun(key[0], key[1], now, replica=self.replica))
+                    self._opened[key] += 1
+            for run in opened:
+                self._add_open(run)
+        return opened
+
+    def _not_submitted(
+        self, keys: list[tuple[str, dt.datetime]], opened: list[JobRun], error: BaseException
+    ) -> None:
+        """The executor refused the run: a job error, where APScheduler only logs it."""
+        with self._lock:
+            for key in keys:
+                self._thread_jobs -= _decrement(self._thread_runs, key)
+                _decrement(self._opened, key)
+            for run in opened:
+                self._drop_open(run)
+                run.finished, run.outcome = self.clock.now(), "error"
+                run.exception = JobRunError(
+                    f"job {run.job_id!r} could not be given to its executor: "
+                    f"{type(error).__name__}: {error}"
+                )
+                self._new_errors.append(run)
+
     def _watch_pool(self, alias: str, executor: Any) -> None:
         """Run an APScheduler thread pool's jobs on threads the watchdog can stop.
 
         A job thread of a ``concurrent.futures.ThreadPoolExecutor`` that never returns is
         joined at interpreter exit, so the session could never end. The pool is swapped for
-        a :class:`~._threads.JobThreads` of the same size during the test, then put back.
+        a :class:`~._threads.JobThreads` of the same size during the test, then put back; the
+        app's own pool is never shut down by the test. A scheduler shut down and started again
+        during the test (the app's lifespan under ``fastsched_client``) gets fresh threads:
+        APScheduler's ``start()`` does not renew a pool its ``shutdown()`` closed.
         """
         import concurrent.futures
 
         from apscheduler.executors.pool import BasePoolExecutor
 
-        pool = getattr(executor, "_pool", None)
+        pool: Any = getattr(executor, "_pool", None)
+        if any(watched is executor for watched, _ in self._pools):
+            if getattr(pool, "is_shut_down", False):  # the JobThreads given before
+                executor._pool = self.clock.thread_executor(f"fastsched-{alias}", pool.max_workers)
+            return
         if not isinstance(executor, BasePoolExecutor) or not isinstance(
             pool, concurrent.futures.ThreadPoolExecutor
         ):
-            return
-        if any(watched is executor for watched, _ in self._pools):
             return
         executor._pool = self.clock.thread_executor(
             f"fastsched-{alias}", getattr(pool, "_max_workers", None)
@@ -412,7 +543,10 @@ class SchedulerHarness:
 
         An ``interval`` job added at import time starts counting from the real ``now``; under
         virtual time it would fire at odd offsets, so it starts counting from the virtual
-        start instead. Date jobs computed from the real clock are reported.
+        start instead. A first run given from the real clock (``next_run_time=
+        datetime.now()``, the "run once at start-up" idiom) is re-anchored too
+        (:meth:`_first_run_from_real_clock`). Date jobs computed from the real clock are
+        reported.
         """
         from apscheduler.triggers.date import DateTrigger
         from apscheduler.triggers.interval import IntervalTrigger
@@ -420,12 +554,14 @@ class SchedulerHarness:
         real_now = self.clock.real_start
         for job in self._all_jobs():
             trigger = job.trigger
+            given = getattr(job, "next_run_time", None)
             if isinstance(trigger, IntervalTrigger):
                 if _near(trigger.start_date, real_now, trigger.interval):
                     job.trigger = copy.copy(trigger)
                     job.trigger.start_date = self.clock.now() + trigger.interval
-                    if hasattr(job, "next_run_time"):
+                    if given is not None:
                         job.modify(next_run_time=job.trigger.start_date)
+                self._first_run_from_real_clock(job, given, trigger)
             elif isinstance(trigger, DateTrigger) and _near(
                 trigger.run_date, real_now, dt.timedelta(days=1)
             ):
@@ -438,6 +574,30 @@ class SchedulerHarness:
                     ),
                     stacklevel=2,
                 )
+            else:
+                self._first_run_from_real_clock(job, given, trigger)
+
+    def _first_run_from_real_clock(
+        self, job: Any, given: dt.datetime | None, original_trigger: Any
+    ) -> None:
+        """Move a first run given from the real clock to the same offset from the virtual start.
+
+        ``add_job(f, "interval", hours=1, next_run_time=datetime.now())`` at import runs
+        once when the app starts, then hourly: it runs at the virtual start; ``datetime.now()
+        + timedelta(minutes=5)`` runs five minutes after it. A paused job
+        (``next_run_time=None``) stays paused.
+        """
+        real_now = self.clock.real_start
+        if given is None or not _near(given, real_now, dt.timedelta(days=1)):
+            return
+        added = real_now
+        interval = getattr(original_trigger, "interval", None)
+        if interval is not None and _near(original_trigger.start_date, real_now, interval):
+            added = original_trigger.start_date - interval  # when the job was added
+        # To the second: the app's two now() calls (the first run, the trigger's start) are
+        # microseconds apart.
+        offset = dt.timedelta(seconds=max(0, round((given - added).total_seconds())))
+        job.modify(next_run_time=self.clock.now() + offset)
 
     def _check_job(self, job: Any) -> None:
         from apscheduler.executors.asyncio import AsyncIOExecutor
@@ -473,8 +633,6 @@ class SchedulerHarness:
                     )
             elif code in (ev.EVENT_SCHEDULER_STARTED, ev.EVENT_EXECUTOR_ADDED):
                 self._label_runs()
-            elif code == ev.EVENT_EXECUTOR_REMOVED:
-                self._threads_possible = self._any_pool()
             elif code in (ev.EVENT_JOB_ADDED, ev.EVENT_JOB_MODIFIED):
                 job = self.scheduler.get_job(event.job_id)
                 if job is not None:
@@ -486,11 +644,10 @@ class SchedulerHarness:
 
     def _on_submitted(self, event: Any) -> None:
         now = self.clock.now()
-        job_id = event.job_id
-        threaded = self._runs_on_thread_pool(job_id) if self._threads_possible else 0
         for scheduled in event.scheduled_run_times:
-            self._add_open(JobRun(job_id, _utc(scheduled), now, replica=self.replica))
-            self._thread_jobs += threaded
+            if _decrement(self._opened, (event.job_id, _utc(scheduled))):
+                continue  # opened when it was given to its thread pool
+            self._add_open(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
 
     def _add_open(self, run: JobRun) -> None:
         self.runs.append(run)
@@ -507,24 +664,14 @@ class SchedulerHarness:
             del self._open[key]
         return run
 
-    def _any_pool(self) -> bool:
-        """Whether any executor of the scheduler runs jobs outside the loop (a thread pool)."""
-        from apscheduler.executors.asyncio import AsyncIOExecutor
-
-        executors = self.scheduler._executors.values()
-        return not all(isinstance(executor, AsyncIOExecutor) for executor in executors)
-
-    def _runs_on_thread_pool(self, job_id: str) -> int:
-        from apscheduler.executors.asyncio import AsyncIOExecutor
-
-        job = self.scheduler.get_job(job_id)
-        if job is None:
-            return 0
-        executor = self.scheduler._executors.get(job.executor)
-        # A pool on JobThreads counts its own work: a job sleeping in it holds none.
-        if isinstance(getattr(executor, "_pool", None), JobThreads):
-            return 0
-        return int(not isinstance(executor, AsyncIOExecutor))
+    def _drop_open(self, run: JobRun) -> None:
+        """Take ``run`` out of the runs still running (it never reached its executor)."""
+        key = (run.job_id, run.scheduled, run.replica)
+        queue = self._open.get(key, [])
+        if run in queue:
+            queue.remove(run)
+        if not queue:
+            self._open.pop(key, None)
 
     def _on_finished(self, event: Any, ev: Any) -> None:
         scheduled = _utc(event.scheduled_run_time)
@@ -532,8 +679,7 @@ class SchedulerHarness:
         if run is None:
             run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
-        elif run.started is not None and self._thread_jobs and not run.manual:
-            self._thread_jobs -= self._runs_on_thread_pool(event.job_id)
+        self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
         run.finished = self.clock.now()
         code = event.code
         if code == ev.EVENT_JOB_EXECUTED and not isinstance(event.retval, types.CoroutineType):
@@ -672,16 +818,24 @@ class SchedulerHarness:
         run = JobRun(job_id, _utc(now), _utc(now), manual=True)
         with self._lock:
             self._add_open(run)
+        self._manual_submit = True
         try:
             self.scheduler._lookup_executor(job.executor).submit_job(job, [now])
         except MaxInstancesReachedError:
             with self._lock:
                 self.runs.remove(run)
-                self._take_open(job_id, run.scheduled)
+                self._drop_open(run)
             raise JobRunError(
                 f"run_job({job_id!r}): {job.max_instances} instance(s) of the job are already "
                 f"running (max_instances={job.max_instances})"
             ) from None
+        except BaseException:
+            with self._lock:
+                self.runs.remove(run)
+                self._drop_open(run)
+            raise
+        finally:
+            self._manual_submit = False
         await self.clock.run_until_idle()
         return run
 
@@ -767,6 +921,8 @@ class SchedulerHarness:
             self._replica_set = None
         tasks = self._job_tasks()
         loop = scheduler._eventloop
+        if isinstance(loop, _PendingLoop):
+            loop = None  # the test's loop never came
         if loop is None or loop.is_closed():
             # The test's loop is gone (and its tasks with it): nothing left to cancel there.
             for executor in scheduler._executors.values():
@@ -778,6 +934,8 @@ class SchedulerHarness:
         scheduler._eventloop = None
         _finish_tasks(loop, tasks)
         scheduler.remove_listener(self._on_event)
+        if getattr(scheduler, "_fastsched_harness", None) is self:
+            del scheduler._fastsched_harness
         vars(scheduler).pop("_process_jobs", None)
         vars(scheduler).pop("_start_timer", None)
         if self._late_executors:
@@ -806,18 +964,149 @@ def for_test(
 
     It drives the scheduler of the ``fastsched_scheduler`` setting, if any, and runs the
     replicas the marker asks for with ``replicas``; ``engine`` returns the test database's
-    engine, whose pool the replicas warm.
+    engine, whose pool the replicas warm. While it lives, the ``AsyncIOScheduler`` the app
+    starts goes through it (:func:`watch_starts`).
     """
     marker = marker_options(item)
     harness = SchedulerHarness(clock, job_errors=marker.job_errors, replicas=replicas)
+    # Under fastsched_client the app's lifespan starts the scheduler, as in production.
+    harness.autostart = "fastsched_client" not in getattr(item, "fixturenames", ())
     if settings.scheduler is not None:
         harness.attach(resolve(settings.scheduler, "fastsched_scheduler"))
     if marker.replicas > 1:
         harness.use_replicas(marker.replicas, engine=engine)
     try:
-        yield harness
+        with watch_starts(harness):
+            yield harness
     finally:
         harness.close()
+
+
+class _PendingLoop:
+    """Stands in for the test's event loop while fixtures run, before that loop is known.
+
+    A scheduler started (paused) on it adds jobs and computes their next run times as in
+    production; the calls it sends to its loop wait here and run on the test's loop when the
+    clock attaches to it.
+    """
+
+    def __init__(self) -> None:
+        self._calls: list[tuple[Callable[..., Any], tuple[Any, ...]]] = []
+
+    def call_soon_threadsafe(self, callback: Callable[..., Any], *args: Any, **_: Any) -> None:
+        self._calls.append((callback, args))
+
+    call_soon = call_soon_threadsafe
+
+    def is_closed(self) -> bool:
+        return False
+
+    def is_running(self) -> bool:
+        return False
+
+    def hand_over(self, loop: asyncio.AbstractEventLoop) -> None:
+        calls, self._calls = self._calls, []
+        for callback, args in calls:
+            loop.call_soon(callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        raise AttributeError(
+            f"the app's scheduler is not on an event loop yet (its loop's {name} was used "
+            f"from a sync fixture): it moves onto the test's loop when the test's coroutine "
+            f"starts; use it from an async fixture or the test"
+        )
+
+
+_WATCHERS: list[SchedulerHarness] = []
+_UNWATCHED_START: list[Callable[..., Any]] = []
+
+
+@contextlib.contextmanager
+def watch_starts(harness: SchedulerHarness) -> Iterator[None]:
+    """While the block runs, ``AsyncIOScheduler.start()`` goes through ``harness``.
+
+    Watched at class level, so that a scheduler the app builds and starts itself (in its
+    lifespan, with no module-level handle) is taken under the harness: see
+    :meth:`SchedulerHarness.app_start`. A scheduler another harness owns (a replica) starts
+    as APScheduler starts it.
+    """
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler
+
+    if not _WATCHERS:
+        original = AsyncIOScheduler.start
+        _UNWATCHED_START.append(original)
+
+        @functools.wraps(original)
+        def start(scheduler: Any, paused: bool = False) -> Any:
+            __tracebackhide__ = True
+            watcher = _WATCHERS[-1] if _WATCHERS else None
+            if (
+                watcher is not None
+                and getattr(scheduler, "_fastsched_harness", watcher) is watcher
+            ):
+                return watcher.app_start(scheduler, paused, original)
+            return original(scheduler, paused)
+
+        AsyncIOScheduler.start = start
+    _WATCHERS.append(harness)
+    try:
+        yield
+    finally:
+        _WATCHERS.remove(harness)
+        if not _WATCHERS:
+            AsyncIOScheduler.start = _UNWATCHED_START.pop()
+
+
+def explain_start_without_loop(fixture: str, error: BaseException) -> None:
+    """Fail the set-up of ``fixture`` with the fix when it started a scheduler with no loop.
+
+    ``AsyncIOScheduler.start()`` in a sync fixture (there is no running loop yet) raises
+    APScheduler's bare ``RuntimeError: no running event loop``. Returns for other errors.
+    """
+    __tracebackhide__ = True
+    if not isinstance(error, RuntimeError) or "no running event loop" not in str(error):
+        return
+    frames = traceback.extract_tb(error.__traceback__)
+    if not any(
+        frame.name == "start" and frame.filename.endswith(_ASYNCIO_SCHEDULER) for frame in frames
+    ):
+        return
+    raise pytest.fail.Exception(
+        f"{fixture}: AsyncIOScheduler.start() was called with no running event loop (a sync "
+        "fixture runs before the test's loop). An AsyncIOScheduler runs on an event loop. "
+        f"Make {fixture} request fastsched_scheduler (or set fastsched_scheduler = "
+        "'module:attr'): under it, the app's scheduler is started paused at the virtual start "
+        "and moves onto the test's loop when the test starts. Or start it from an async "
+        "fixture (@pytest_asyncio.fixture) or from the app's lifespan under fastsched_client.",
+        pytrace=False,
+    ) from None
+
+
+_ASYNCIO_SCHEDULER = os.path.join("apscheduler", "schedulers", "asyncio.py")
+
+
+def _stopped() -> int:
+    from apscheduler.schedulers.base import STATE_STOPPED
+
+    return int(STATE_STOPPED)
+
+
+def _loop_running() -> bool:
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return False
+    return True
+
+
+def _second_scheduler(started: Any, attached: Any) -> str:
+    return (
+        f"a second AsyncIOScheduler ({started!r}) was started during the test; "
+        f"fastsched_scheduler drives only the first ({attached!r}): the second one's runs "
+        f"are not recorded and its job errors are only logged. Drive the one the test is "
+        f"about: set fastsched_scheduler = 'module:attr' to it, or call "
+        f"fastsched_scheduler.attach(scheduler) before the app starts the other."
+    )
 
 
 def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Task[Any]]) -> None:
@@ -831,6 +1120,16 @@ def _finish_tasks(loop: asyncio.AbstractEventLoop | None, tasks: list[asyncio.Ta
             _leftovers.cancel_within(tasks, _leftovers.CANCEL_GRACE)
         )
         _leftovers.close_by_force(loop, stubborn)
+
+
+def _decrement(counter: collections.Counter[Any], key: Any) -> bool:
+    """Take one off ``counter[key]`` if it is positive; whether it was."""
+    if counter[key] <= 0:
+        return False
+    counter[key] -= 1
+    if not counter[key]:
+        del counter[key]
+    return True
 
 
 def direct_wakeup(scheduler: Any) -> Callable[[], None]:

@@ -108,6 +108,7 @@ class JobThreads(concurrent.futures.Executor):
         on_change: Callable[[], None] | None = None,
     ) -> None:
         self._name = name
+        self.max_workers = max_workers
         self._on_change = on_change
         self._slots = threading.BoundedSemaphore(max_workers) if max_workers else None
         self._lock = threading.Lock()
@@ -118,6 +119,11 @@ class JobThreads(concurrent.futures.Executor):
         self.running: dict[threading.Thread, str] = {}
         self._stopped: set[threading.Thread] = set()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+
+    @property
+    def is_shut_down(self) -> bool:
+        """Whether :meth:`shutdown` was called: it takes no more calls."""
+        return self._shutdown
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
         """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future.

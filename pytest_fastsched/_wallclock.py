@@ -12,6 +12,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import pytest
@@ -184,6 +185,75 @@ def make_wall_clock(backend: str) -> WallClock:
     if backend == "time-machine":
         return TimeMachineWallClock()
     return FreezegunWallClock()
+
+
+_FOREIGN_FREEZERS = (
+    ("freezegun.api", "_freeze_time", "freezegun.freeze_time"),
+    ("time_machine", "travel", "time_machine.travel"),
+)
+
+
+def refuse_foreign_freezes(
+    now: Callable[[], dt.datetime], error: type[Exception]
+) -> Callable[[], None]:
+    """Make ``freezegun.freeze_time`` and ``time_machine.travel`` raise ``error`` until undone.
+
+    Started inside a test on virtual time, either would replace the virtual instant for
+    ``datetime.now()`` and ``time.time()`` while the event loop and the scheduler's timers
+    stay on the virtual clock: jobs would run at instants that mean nothing. Both start every
+    freeze (context manager, decorator, ``start()``) through one ``start`` method, replaced at
+    class level; the backend's own freeze is already running. ``now`` is the virtual instant,
+    for the message. Returns the function that puts them back.
+    """
+    patched: list[tuple[type, Any]] = []
+    for module_name, class_name, label in _FOREIGN_FREEZERS:
+        cls = getattr(sys.modules.get(module_name), class_name, None)
+        if not isinstance(cls, type) or "start" not in vars(cls):
+            continue
+
+        def start(freezer: Any, *args: Any, label: str = label, **kwargs: Any) -> Any:
+            __tracebackhide__ = True
+            raise error(_foreign_freeze_message(label, _destination(freezer), now()))
+
+        patched.append((cls, vars(cls)["start"]))
+        cls.start = start  # type: ignore[attr-defined]
+
+    def restore() -> None:
+        for cls, original in reversed(patched):
+            cls.start = original
+        patched.clear()
+
+    return restore
+
+
+def _destination(freezer: Any) -> dt.datetime | None:
+    frozen = getattr(freezer, "time_to_freeze", None)  # freezegun: naive UTC
+    if isinstance(frozen, dt.datetime):
+        return frozen.replace(tzinfo=dt.timezone.utc)
+    stamp = getattr(freezer, "destination_timestamp_ns", None)  # time-machine
+    if isinstance(stamp, int):
+        return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(
+            microseconds=stamp // 1000
+        )
+    return None
+
+
+def _foreign_freeze_message(label: str, target: dt.datetime | None, now: dt.datetime) -> str:
+    where = f" to {target.isoformat()}" if target is not None else ""
+    move = ""
+    if target is not None and target >= now:
+        move = (
+            f"await fastsched_clock.advance_to(datetime.fromisoformat({target.isoformat()!r})) "
+            "(the jobs due on the way fire) or jump() there, or "
+        )
+    start = f'"{target.isoformat()}"' if target is not None else "..."
+    return (
+        f"{label}{where} was started during a test that uses fastsched_clock: it would "
+        "override the virtual clock for datetime.now() and time.time() while the event loop "
+        f"and the scheduler's timers stay at virtual {now.isoformat()}, so jobs would run at "
+        f"the wrong instants. Move the virtual clock instead: {move}start the test there with "
+        f"@pytest.mark.fastsched(start={start})."
+    )
 
 
 _FROZEN_CLASS_SIGNS = ("PydanticSchemaGenerationError", "metaclass conflict", "FakeDate")

@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 import pytest_asyncio
 
-from pytest_fastsched import _options, _reports, _wallclock
+from pytest_fastsched import _options, _reports
 
 if TYPE_CHECKING:
     import httpx
@@ -110,8 +110,8 @@ def pytest_runtest_makereport(
 def pytest_fixture_setup(fixturedef: Any, request: pytest.FixtureRequest) -> Generator[None]:
     try:
         return (yield)
-    except Exception as error:  # a fixture that imports the app while freezegun runs
-        _wallclock.explain_frozen_import(fixturedef.argname, error)
+    except Exception as error:  # e.g. the app imported under freezegun, a start with no loop
+        _reports.explain_fixture_error(fixturedef.argname, error)
         raise
 
 
@@ -201,7 +201,7 @@ def fastsched_scheduler(
 @pytest.fixture(autouse=True)
 def _fastsched_implied(request: pytest.FixtureRequest) -> None:
     """Set up the fixtures the test needs without naming them (``_options.implied``)."""
-    for name in _options.implied(request.node):
+    for name in _options.implied(request.node, settings_of(request)):
         request.getfixturevalue(name)
 
 

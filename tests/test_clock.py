@@ -17,6 +17,7 @@ from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from pytest_fastsched import JobRunError, SchedulerHarness, VirtualClock
 from pytest_fastsched._clock import ClockError, WatchdogTimeout
+from pytest_fastsched._records import RunRef, current_run
 from pytest_fastsched._scheduler import FastschedWarning
 
 pytestmark = pytest.mark.asyncio
@@ -273,6 +274,33 @@ async def test_real_io_in_a_job_sees_no_time_jump(
     assert fastsched_scheduler.missed("tick") == []
 
 
+async def test_a_job_waits_for_aiosqlites_connect_and_close(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    import sqlite3
+
+    import aiosqlite
+
+    class SlowToOpen(sqlite3.Connection):
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            time.sleep(0.2)  # aiosqlite's own thread: real time
+            super().__init__(*args, **kwargs)  # type: ignore[arg-type]
+
+    done: list[dt.datetime] = []
+
+    async def scratch() -> None:
+        async with aiosqlite.connect(":memory:", factory=SlowToOpen) as db:
+            await db.execute("SELECT 1")
+        done.append(dt.datetime.now(UTC))
+
+    scheduler.add_job(scratch, "date", run_date=at(second=10), id="scratch")
+    await fastsched_clock.advance(seconds=20)
+    # Before, the connect (and the end of close) went by unseen: advance() returned with the
+    # job still waiting for aiosqlite's thread, which later wrote to a closed loop.
+    assert done == [at(second=10)]
+    assert [run.outcome for run in fastsched_scheduler.runs_of("scratch")] == ["success"]
+
+
 @pytest.mark.parametrize("executor", ["default", "threads"])
 async def test_sync_jobs_see_virtual_time_and_advance_waits_for_them(
     fastsched_clock: VirtualClock,
@@ -292,6 +320,38 @@ async def test_sync_jobs_see_virtual_time_and_advance_waits_for_them(
     assert [now for now, _ in seen] == [at(minute=1), at(minute=2), at(minute=3)]
     assert all(name != threading.main_thread().name for _, name in seen)
     fastsched_scheduler.assert_ran("sync", times=3)
+
+
+async def test_a_thread_pool_job_knows_its_run_inside_its_thread(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    # What the history stamps on a row written by the job: the job run, in the job's thread.
+    seen: list[RunRef | None] = []
+    scheduler.add_executor(ThreadPoolExecutor(2), "threads")
+    scheduler.add_job(
+        lambda: seen.append(current_run.get()),
+        "interval",
+        minutes=1,
+        id="sync",
+        executor="threads",
+    )
+    await fastsched_clock.advance(minutes=2)
+    assert seen == [RunRef("sync", at(minute=1)), RunRef("sync", at(minute=2))]
+
+
+async def test_an_off_grid_timer_leaves_the_loop_clock_on_the_microsecond_grid(
+    fastsched_clock: VirtualClock,
+) -> None:
+    # A timer armed between two virtual microseconds (on the real clock, before the clock
+    # attached): when it fires, the loop's clock must stay on the grid, or the next timer
+    # armed from it (APScheduler's wake-up) rounds to a microsecond past the advance() target.
+    loop = asyncio.get_running_loop()
+    origin = loop.time()
+    seen: list[float] = []
+    loop.call_later(10.0000004, lambda: seen.append(loop.time() - origin))
+    await fastsched_clock.advance(seconds=20)
+    assert len(seen) == 1
+    assert abs(seen[0] - 10) < 1e-7
 
 
 async def test_job_exception_is_raised_at_its_instant_and_stops_time(

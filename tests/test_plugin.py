@@ -336,13 +336,18 @@ def test_a_bad_scheduler_is_one_usage_error(
             "@pytest.mark.fastsched(stat='2030-01-01T00:00:00+00:00')",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
             "'stat' (did you mean 'start'?); valid: start, isolation, job_errors, track, "
-            "replicas, prepared_statements, allow_databases",
+            "replicas, prepared_statements, allow_databases, scheduler",
         ),
         (
             "@pytest.mark.fastsched(workers=2)",
             "E*UsageError: @pytest.mark.fastsched got an unexpected keyword argument "
             "'workers'; valid: start, isolation, job_errors, track, replicas, "
-            "prepared_statements, allow_databases",
+            "prepared_statements, allow_databases, scheduler",
+        ),
+        (
+            "@pytest.mark.fastsched(scheduler='no')",
+            "E*UsageError: @pytest.mark.fastsched(scheduler='no') is not valid: use False (the "
+            "clock does not drive the configured scheduler) or True (the default)",
         ),
         (
             "@pytest.mark.fastsched(allow_databases='reports.db')",
@@ -361,7 +366,7 @@ def test_a_bad_scheduler_is_one_usage_error(
             "('2030',) on test_user.py::test_fires",
         ),
     ],
-    ids=["typo", "unknown", "allow-databases", "bad-isolation", "positional"],
+    ids=["typo", "unknown", "bad-scheduler", "allow-databases", "bad-isolation", "positional"],
 )
 def test_marker_arguments_are_validated(
     pytester: pytest.Pytester, marker: str, message: str

@@ -1,8 +1,9 @@
 """The soak suite's conftest: every test must start and end in the baseline state.
 
-The baseline fixtures are autouse, so they are set up before the plugin's fixtures and torn
-down after them. Outcomes are written, one JSON object a line, to ``$SOAK_OUTCOMES`` by the
-controlling process (the xdist controller, or the only process).
+The baseline is checked in the set-up and teardown hooks, before any fixture is set up and
+after every fixture is torn down (the plugin's fixtures may be set up before autouse ones).
+Outcomes are written, one JSON object a line, to ``$SOAK_OUTCOMES`` by the controlling
+process (the xdist controller, or the only process).
 """
 
 import asyncio
@@ -106,19 +107,25 @@ def count_rows(url):
         return thread.submit(asyncio.run, count()).result()
 
 
-@pytest.fixture(autouse=True)
-def baseline(request):
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_setup(item):
     assert leftovers() == []
-    yield
-    database = request.node.funcargs.get("fastsched_db")
+    return (yield)
+
+
+@pytest.hookimpl(wrapper=True)
+def pytest_runtest_teardown(item, nextitem):
+    database = item.funcargs.get("fastsched_db")
+    result = yield
     if database is not None:
         URLS.add(database.url)
     # The rows are checked when the next test starts (a connection per check costs time).
     assert leftovers(rows=False) == []
+    return result
 
 
 @pytest.fixture(autouse=True)
-async def baseline_tasks(baseline):
+async def baseline_tasks():
     assert asyncio.all_tasks() == {asyncio.current_task()}
     yield
     assert asyncio.all_tasks() == {asyncio.current_task()}
