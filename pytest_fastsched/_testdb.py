@@ -662,6 +662,9 @@ async def _release(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None
     pool = engine.sync_engine.pool
     if isinstance(pool, LoopPool):
         pool.end_loop(loop)
+        # A terminated connection's transport closes its socket in a loop callback: let it
+        # run before the loop closes, or the socket is left for the garbage collector.
+        await asyncio.sleep(0)
     else:
         await engine.dispose()
 
