@@ -235,6 +235,9 @@ def _destination(freezer: Any) -> dt.datetime | None:
         return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(
             microseconds=stamp // 1000
         )
+    seconds = getattr(freezer, "destination_timestamp", None)  # older time-machine releases
+    if isinstance(seconds, (int, float)):
+        return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
     return None
 
 
