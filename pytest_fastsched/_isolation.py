@@ -21,11 +21,12 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 from pytest_fastsched import _options, _rebind
@@ -74,6 +75,17 @@ OTHER_LOOP = (
     "@pytest.mark.asyncio(loop_scope=...)), and do not run database code in an event "
     "loop of another thread."
 )
+SYNC_ON_LOOP = (
+    "fastsched_db: a sync SQLAlchemy session or connection was used on the event loop's "
+    "thread during a rollback-isolated test. Under rollback isolation the sync side runs on "
+    "the test connection, whose calls are made on the event loop: the loop cannot wait for "
+    "itself. Run the sync database work in a thread, as production should (a sync call on "
+    "the loop blocks every other job and request): await asyncio.to_thread(...) or "
+    "run_in_threadpool(...) in an async job, a sync def job (APScheduler runs it in a "
+    "thread), or a FastAPI def route; or mark the test "
+    "@pytest.mark.fastsched(isolation='commit'), which gives the sync side a connection of "
+    "its own."
+)
 
 
 def _overlap_message(owner: _Holder, intruder: _Holder) -> str:
@@ -106,14 +118,18 @@ class _Holder:
 
     task: asyncio.Task[Any] | None
     run: RunRef | None
+    thread: threading.Thread | None = None
+    """The thread of a sync session (its calls run in short-lived tasks of their own)."""
 
     @classmethod
     def current(cls) -> _Holder:
-        return cls(asyncio.current_task(), current_run.get())
+        return cls(asyncio.current_task(), current_run.get(), _rebind.sync_thread.get())
 
     def describe(self) -> str:
         if self.run is not None:
             return f"job {self.run.job_id!r} (scheduled {self.run.scheduled.isoformat()})"
+        if self.thread is not None:
+            return f"a sync session in the thread {self.thread.name!r}"
         if self.task is None:
             return "code outside any task"
         coroutine = self.task.get_coro()
@@ -219,6 +235,11 @@ class RunningTest:
         if not self.savepoints:
             return
         owner = self.savepoints[-1][1]
+        if owner.thread is not None:  # a sync session: its thread holds the savepoint
+            current = _Holder.current()
+            if owner.thread is not current.thread and owner.thread.is_alive():
+                raise self.violation(_overlap_message(owner, current))
+            return
         task = asyncio.current_task()
         if owner.task is not None and owner.task is not task and not owner.task.done():
             raise self.violation(_overlap_message(owner, _Holder.current()))
@@ -270,12 +291,16 @@ class Isolation:
     def __init__(
         self,
         sessionmakers: Sequence[_rebind.AnySessionmaker] = (),
-        engines: Sequence[AsyncEngine] = (),
+        engines: Sequence[_rebind.AnyEngine] = (),
     ) -> None:
         self.sessionmakers = list(sessionmakers)
         self.engines = list(engines)
         """The app's engines pointed at the test database: ``fastsched_engine``, and the
         engines the sessionmakers were bound to."""
+        self.scoped: list[Any] = []
+        """The app's ``scoped_session`` objects: their sessions are forgotten around a test."""
+        self.sync_engine: Callable[[], Engine] | None = None
+        """The sync engine of the test database (commit isolation of the sync side)."""
         self.active: RunningTest | None = None
         self._guards: dict[AsyncEngine, _Guard] = {}
 
@@ -333,12 +358,25 @@ class Isolation:
         guard = self._guards.get(engine)
         if guard is None:
             guard = self._guards[engine] = _Guard(engine)
-        with _rebind.rebound(self.sessionmakers, self.engines, engine, connection):
+        sync = _rebind.SyncSide(
+            loop=state.loop,
+            refuse=lambda: state.violation(SYNC_ON_LOOP),
+            engine=self.sync_engine,
+        )
+        self._remove_scoped()
+        with _rebind.rebound(self.sessionmakers, self.engines, engine, connection, sync):
             guard.state = self.active = state
             try:
                 yield
             finally:
                 guard.state = self.active = None
+                self._remove_scoped()
+
+    def _remove_scoped(self) -> None:
+        """Forget the sessions of the app's ``scoped_session`` objects, in every thread: a
+        session bound for one test never serves the next (worker threads are reused)."""
+        for scoped in self.scoped:
+            scoped.registry = type(scoped.registry)(scoped.session_factory)
 
     def close(self) -> None:
         """Forget the test engines (the end of the process)."""
