@@ -45,6 +45,7 @@ engine = create_engine(PRODUCTION)
 SessionLocal = sessionmaker(bind=engine, autoflush=False)
 ScopedSession = scoped_session(sessionmaker())
 reports_engine = create_engine(PRODUCTION)  # named nowhere: the seal refuses it
+audit_engine = create_engine(PRODUCTION)  # named in fastsched_engine
 scheduler = AsyncIOScheduler(
     timezone="UTC", executors={"default": AsyncIOExecutor(), "threadpool": ThreadPoolExecutor(2)}
 )
@@ -97,6 +98,19 @@ def intrude(started, release):
             session.execute(select(Item.id)).all()
     finally:
         release.set()
+
+
+def roll_back_a_write():
+    with SessionLocal() as session:
+        session.execute(update(Item).where(Item.id == 1).values(status="processing"))
+        session.rollback()
+
+
+def audit(item_id):
+    with audit_engine.connect() as connection:
+        connection.execute(text("INSERT INTO items (id, status) VALUES (:id, 'audited')"),
+                           {"id": item_id})
+        connection.commit()
 
 
 def write_engine_directly():
@@ -183,6 +197,27 @@ async def test_the_sync_engine_reaches_the_test_database(isolation, fastsched_db
     if isolation == "commit":
         driver = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg"}
         assert fastsched_db.sync_engine.url.drivername == driver[fastsched_db.dialect]
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_an_engine_named_in_fastsched_engine(isolation, fastsched_db, fastsched_history):
+    await asyncio.to_thread(app.audit, 7)
+    assert await fastsched_db.status_of("items", 7) == "audited"
+    fastsched_history.assert_transitions("items", 7, ["audited"])
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_a_rolled_back_sync_write_stays_in_the_history_as_such(
+    isolation, fastsched_db, fastsched_history
+):
+    await fastsched_db.insert("items", [{"id": 1}])
+    await asyncio.to_thread(app.roll_back_a_write)
+    timeline = fastsched_history.timeline("items", 1)
+    assert [(each.status, each.rolled_back) for each in timeline] == [
+        ("pending", False), ("processing", True)
+    ]
+    fastsched_history.assert_status("items", 1, "pending")
+    assert await fastsched_db.status_of("items", 1) == "pending"
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
@@ -274,13 +309,14 @@ def test_sync_sessions_engines_and_def_routes(
         fastsched_database = {database}
         fastsched_scheduler = app:scheduler
         fastsched_sessionmaker = app:SessionLocal app:ScopedSession
+        fastsched_engine = app:audit_engine
         fastsched_metadata = app:Base.metadata
         fastsched_app = app:app
         fastsched_clock_backend = {backend}
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=15, failed=3)
+    result.assert_outcomes(passed=19, failed=3)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_a_sync_session_on_the_loop_under_rollback _*",
