@@ -157,6 +157,7 @@ import threading
 
 import pytest
 from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
 
 import app
 
@@ -218,6 +219,36 @@ async def test_a_rolled_back_sync_write_stays_in_the_history_as_such(
     ]
     fastsched_history.assert_status("items", 1, "pending")
     assert await fastsched_db.status_of("items", 1) == "pending"
+
+
+MESSAGES = {
+    "operational": "database is locked|canceling statement due to statement timeout",
+    "serialization": "could not serialize access due to concurrent update",
+}
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+async def test_faults_fail_sync_statements_as_the_driver_would(
+    isolation, fastsched_db, fastsched_faults
+):
+    await fastsched_db.insert("items", [{"id": 1}])
+    kinds = ["operational"] + (["serialization"] if fastsched_db.dialect == "postgresql" else [])
+    for kind in kinds:
+        fault = fastsched_faults.fail(r"^UPDATE items SET status", error=kind)
+        with pytest.raises(DBAPIError, match=MESSAGES[kind]):
+            await asyncio.to_thread(app.roll_back_a_write)
+        assert fault.fired == 1
+    assert await fastsched_db.status_of("items", 1) == "pending"
+
+
+@pytest.mark.fastsched(isolation="commit")
+async def test_a_disconnect_fault_fails_a_sync_statement(fastsched_db, fastsched_faults):
+    await fastsched_db.insert("items", [{"id": 1}])
+    fastsched_faults.fail(r"^UPDATE items SET status", error="disconnect")
+    with pytest.raises(DBAPIError) as raised:
+        await asyncio.to_thread(app.roll_back_a_write)
+    assert raised.value.connection_invalidated
+    await asyncio.to_thread(app.roll_back_a_write)  # a new connection
 
 
 @pytest.mark.parametrize("isolation", ISOLATIONS)
@@ -316,7 +347,7 @@ def test_sync_sessions_engines_and_def_routes(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=19, failed=3)
+    result.assert_outcomes(passed=22, failed=3)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_a_sync_session_on_the_loop_under_rollback _*",
