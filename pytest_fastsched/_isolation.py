@@ -9,10 +9,11 @@ several connections; the tables are emptied after the test.
 Guards turn the ways code can escape the isolation into errors that name the fix, each
 message next to its guard: a second connection during a rollback test, two tasks sharing the
 test connection at once, statements that cannot run in a transaction, the test connection
-used from another event loop, and a database that rolled the test's transaction back by
-itself (SQLite, when the disk is full). (Connections to other databases are the seal's business:
-:mod:`._seal`.) Jobs often swallow exceptions, so every guard error is also kept on the
-:class:`RunningTest`, and the plugin fails a test that passed with it.
+used from another event loop, a sync session used on the event loop's own thread (its calls
+are made on the loop, which cannot wait for itself), and a database that rolled the test's
+transaction back by itself (SQLite, when the disk is full). (Connections to other databases
+are the seal's business: :mod:`._seal`.) Jobs often swallow exceptions, so every guard error
+is also kept on the :class:`RunningTest`, and the plugin fails a test that passed with it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from typing import Any
 from sqlalchemy import event
 from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import ThreadLocalRegistry
 
 from pytest_fastsched import _options, _rebind
 from pytest_fastsched._records import RunRef, current_run
@@ -376,7 +378,10 @@ class Isolation:
         """Forget the sessions of the app's ``scoped_session`` objects, in every thread: a
         session bound for one test never serves the next (worker threads are reused)."""
         for scoped in self.scoped:
-            scoped.registry = type(scoped.registry)(scoped.session_factory)
+            if isinstance(scoped.registry, ThreadLocalRegistry):
+                scoped.registry = ThreadLocalRegistry(scoped.session_factory)
+            else:  # a scopefunc's registry: a dict of the sessions by scope
+                scoped.registry.registry.clear()
 
     def close(self) -> None:
         """Forget the test engines (the end of the process)."""

@@ -44,6 +44,7 @@ PRODUCTION = os.environ["FASTSCHED_CANARY_URL"].replace("+aiosqlite", "").replac
 engine = create_engine(PRODUCTION)
 SessionLocal = sessionmaker(bind=engine, autoflush=False)
 ScopedSession = scoped_session(sessionmaker())
+RequestScoped = scoped_session(sessionmaker(), scopefunc=lambda: "the one scope")
 reports_engine = create_engine(PRODUCTION)  # named nowhere: the seal refuses it
 audit_engine = create_engine(PRODUCTION)  # named in fastsched_engine
 scheduler = AsyncIOScheduler(
@@ -282,6 +283,21 @@ async def test_the_database_clock_reads_virtual_time(isolation, fastsched_db, fa
     assert await asyncio.to_thread(database_now) == fastsched_clock.now()
 
 
+SEEN = []
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS * 2)
+async def test_a_scoped_session_never_serves_the_next_test(isolation, fastsched_db):
+    def count():
+        session = app.RequestScoped()
+        SEEN.append(session)
+        return session.query(app.Item).count()
+
+    await fastsched_db.insert("items", [{"id": 1}])
+    assert await asyncio.to_thread(count) == 1
+    assert len(set(map(id, SEEN))) == len(SEEN)
+
+
 @pytest.mark.parametrize("isolation", ISOLATIONS)
 async def test_nothing_is_left(isolation, fastsched_db):
     assert await fastsched_db.fetch("items") == []
@@ -339,7 +355,7 @@ def test_sync_sessions_engines_and_def_routes(
         filterwarnings = error
         fastsched_database = {database}
         fastsched_scheduler = app:scheduler
-        fastsched_sessionmaker = app:SessionLocal app:ScopedSession
+        fastsched_sessionmaker = app:SessionLocal app:ScopedSession app:RequestScoped
         fastsched_engine = app:audit_engine
         fastsched_metadata = app:Base.metadata
         fastsched_app = app:app
@@ -347,7 +363,7 @@ def test_sync_sessions_engines_and_def_routes(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=22, failed=3)
+    result.assert_outcomes(passed=26, failed=3)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_a_sync_session_on_the_loop_under_rollback _*",
