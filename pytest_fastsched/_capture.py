@@ -14,6 +14,11 @@
   Python function registered on the connection (``create_function``); on PostgreSQL it raises
   a ``NOTICE`` carrying the row as JSON, which asyncpg hands to a listener on the connection
   before the statement's result arrives. Both are cheap and survive any rollback.
+- **Sync sessions are recorded as async ones.** Under rollback isolation the app's sync
+  sessions run on the test connection itself (see ``_rebind``); under commit isolation each
+  connection of the sync test engine registers the same SQLite function, or a psycopg 3
+  notice handler, when the pool hands it out. The job run travels with the context into
+  worker threads (``asyncio.to_thread``, the harness's job threads).
 - **SQLAlchemy events stamp and place each write.** After each statement
   (``after_cursor_execute``, in the task that ran it) the writes it caused are stamped with the
   virtual time and the job run of the running code (a context variable the scheduler harness
@@ -22,10 +27,11 @@
   ``RELEASE``/``COMMIT`` keep them; a statement that fails (``handle_error``) marks its own.
 - **The triggers never leak.** SQLite: TEMP triggers, which live on one connection only, on
   the test connection inside the test's outer transaction (undone with it) or, under commit
-  isolation, on each connection the pool hands out. PostgreSQL: under rollback isolation the
-  functions and triggers are created inside the test's transaction and undone with it; under
-  commit isolation they are committed in the process's own scratch database (never the
-  database a URL names), where they stay, silent for tests that do not record.
+  isolation, on each connection the pool hands out (the sync side's pool too). PostgreSQL:
+  under rollback isolation the functions and triggers are created inside the test's
+  transaction and undone with it; under commit isolation they are committed in the process's
+  own scratch database (never the database a URL names), where they stay, silent for tests
+  that do not record.
 """
 
 from __future__ import annotations
@@ -290,6 +296,12 @@ class _ConnectionState:
         if self.hooks.active is not None and text.startswith(NOTICE_PREFIX):
             self.buffer.append((next(_SEQUENCE), text))
 
+    def on_psycopg_notice(self, diagnostic: Any) -> None:
+        """psycopg 3's notice handler (the sync side's connections): as :meth:`on_notice`."""
+        text = diagnostic.message_primary or ""
+        if self.hooks.active is not None and text.startswith(NOTICE_PREFIX):
+            self.buffer.append((next(_SEQUENCE), text))
+
     def reset(self, in_transaction: bool) -> None:
         """Forget the writes and frames of earlier use."""
         self.buffer = []
@@ -491,14 +503,21 @@ class _Recorder:
         if self.dialect.name == "sqlite":
             self._prepare_sqlite(dbapi_connection, state)
         elif not state.listening:
-            dbapi_connection.driver_connection.add_log_listener(state.on_notice)
+            driver = getattr(dbapi_connection, "driver_connection", dbapi_connection)
+            if hasattr(driver, "add_log_listener"):  # asyncpg
+                driver.add_log_listener(state.on_notice)
+            else:  # psycopg 3, the sync side's driver under commit isolation
+                driver.add_notice_handler(state.on_psycopg_notice)
             state.listening = True
 
     def _prepare_sqlite(self, dbapi_connection: Any, state: _ConnectionState) -> None:
         if not state.has_function:
-            dbapi_connection.run_async(
-                lambda driver: driver.create_function(NAME, -1, state.capture)
-            )
+            if hasattr(dbapi_connection, "run_async"):  # aiosqlite, in its thread
+                dbapi_connection.run_async(
+                    lambda driver: driver.create_function(NAME, -1, state.capture)
+                )
+            else:  # pysqlite, the sync side's driver under commit isolation
+                dbapi_connection.create_function(NAME, -1, state.capture)
             state.has_function = True
         if state.temp_triggers == self.signature:
             return
@@ -607,13 +626,18 @@ async def capture(
     """
     hooks = _hooks_of(database.engine.sync_engine)
     recorder = _Recorder(tracked, add, database.engine.dialect, now)
-    hooks.active = recorder
+    # The sync side's own engine (commit isolation) records each connection it hands out.
+    sync_engine = database.sync_engine
+    every_hooks = [hooks] + ([] if sync_engine is None else [_hooks_of(sync_engine)])
+    for each in every_hooks:
+        each.active = recorder
     test_state = None
     try:
         test_state = await _install(database, recorder, hooks)
         await _existing_rows(database, tracked, add, now())
         yield
     finally:
-        hooks.active = None
+        for each in every_hooks:
+            each.active = None
         if test_state is not None:  # the test's rollback undoes the TEMP triggers made on it
             test_state.temp_triggers = None

@@ -15,7 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 from sqlalchemy import Integer, MetaData, Table, insert, inspect, select, text
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.exc import NoSuchTableError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, AsyncSession, async_sessionmaker
 
@@ -64,6 +64,8 @@ class Databases:
                 engines = _rebind.resolve_engines(self.settings.engines)
                 self.isolation.sessionmakers = makers
                 self.isolation.engines = engines + _rebind.engines_of(makers)
+                self.isolation.scoped = _rebind.resolve_scoped(self.settings.sessionmakers)
+                self.isolation.sync_engine = self.testdb.sync_engine
                 await self.testdb.create()
             except pytest.fail.Exception as error:
                 self._error = error
@@ -73,8 +75,9 @@ class Databases:
 
     @property
     def sessionmaker(self) -> _rebind.AnySessionmaker | None:
-        """The app's first sessionmaker (``fastsched_sessionmaker``), or ``None``."""
-        return self.isolation.sessionmakers[0] if self.isolation.sessionmakers else None
+        """The app's first async sessionmaker (``fastsched_sessionmaker``), or ``None``."""
+        makers = [each for each in self.isolation.sessionmakers if not _rebind.is_sync(each)]
+        return makers[0] if makers else None
 
     def owned(self) -> tuple[str | None, list[str]]:
         """What a sealed test owns: see :meth:`_testdb.TestDatabase.owned`."""
@@ -194,6 +197,13 @@ class Database:
     def isolation(self) -> _options.IsolationMode:
         """``"rollback"`` or ``"commit"``."""
         return self._state.isolation
+
+    @property
+    def sync_engine(self) -> Engine | None:
+        """The sync engine of the test database that the app's sync sessions and engines use
+        under commit isolation (pysqlite, or psycopg 3 on PostgreSQL), once made; ``None``
+        before. Under rollback isolation they run on the test connection instead."""
+        return self._databases.testdb.made_sync_engine
 
     @contextlib.asynccontextmanager
     async def background_session(self) -> AsyncIterator[AsyncSession]:

@@ -44,7 +44,7 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any, Protocol
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection
+from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only
 
@@ -396,9 +396,17 @@ class DatabaseClock:
         connect_args["server_settings"] = server_settings
         return {**options, "connect_args": connect_args}
 
-    def listen(self, engine: AsyncEngine) -> None:
+    def sync_engine_options(self) -> dict[str, Any]:
+        """The sync test engine's ``create_engine()`` options (psycopg 3 on PostgreSQL: the
+        search path that finds the clock's functions first)."""
+        if self.dialect != "postgresql":
+            return {}
+        search_path = with_clock_schema(None).replace(" ", "")  # libpq splits options at spaces
+        return {"connect_args": {"options": f"-c search_path={search_path}"}}
+
+    def listen(self, engine: AsyncEngine | Engine) -> None:
         """Rewrite the statements of ``engine`` (and publish the instant, on PostgreSQL)."""
-        sync_engine = engine.sync_engine
+        sync_engine = engine.sync_engine if isinstance(engine, AsyncEngine) else engine
         if self.dialect == "postgresql":
             event.listen(sync_engine, "before_cursor_execute", self._on_postgresql, retval=True)
         else:
@@ -428,7 +436,10 @@ class DatabaseClock:
         mutex = getattr(connection.connection.dbapi_connection, "_execute_mutex", None)
         sql = _PUBLISH.format(0, "false") if now_us is None else _PUBLISH.format(now_us, "true")
         with contextlib.suppress(Exception):
-            await_only(_execute(driver, mutex, sql))
+            if connection.dialect.is_async:
+                await_only(_execute(driver, mutex, sql))
+            elif driver is not None:  # psycopg 3, the sync side's driver
+                driver.execute(sql)
             self._published = now_us
 
     def _on_sqlite(

@@ -15,6 +15,11 @@ and the ``times - 1`` matching statements after it, fail. The failure is the dri
   connection. Needs commit isolation: under rollback isolation it would kill the test
   connection itself.
 
+The app's sync sessions fail the same way: under rollback isolation they run on the test
+connection (asyncpg, aiosqlite), under commit isolation on the sync test engine, whose
+statements fail with psycopg 3's ``QueryCanceled`` and ``SerializationFailure`` (the same
+SQLSTATEs) on PostgreSQL and the same ``sqlite3`` errors on SQLite.
+
 The error is raised from SQLAlchemy's ``do_execute`` dialect event, inside the statement's
 execution, and goes through the driver adapter's own exception translation: the app gets
 exactly the ``sqlalchemy.exc`` exception (``OperationalError`` on SQLite, ``DBAPIError`` on
@@ -34,6 +39,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 import pytest
 from sqlalchemy import event
+from sqlalchemy.engine import Engine
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 if TYPE_CHECKING:
@@ -85,10 +91,15 @@ class Faults:
     """The database faults of one test (the ``fastsched_faults`` fixture)."""
 
     def __init__(
-        self, engine: AsyncEngine, dialect: str, isolation: str, now: Callable[[], dt.datetime]
+        self,
+        engine: AsyncEngine,
+        dialect: str,
+        isolation: str,
+        now: Callable[[], dt.datetime],
+        sync_engine: Engine | None = None,
     ) -> None:
         self.faults: list[Fault] = []
-        self._engine = engine.sync_engine
+        self._engines = [engine.sync_engine] + ([] if sync_engine is None else [sync_engine])
         self._dialect = dialect
         self._isolation = isolation
         self._now = now
@@ -109,8 +120,9 @@ class Faults:
         fault = Fault(re.compile(pattern, re.IGNORECASE), nth, times, error)  # type: ignore[arg-type]
         self.faults.append(fault)
         if not self._listening:
-            for name in _EVENTS:
-                event.listen(self._engine, name, self._on_execute)
+            for engine in self._engines:
+                for name in _EVENTS:
+                    event.listen(engine, name, self._on_execute)
             self._listening = True
         return fault
 
@@ -147,17 +159,22 @@ class Faults:
     def close(self) -> list[Fault]:
         """Remove the listeners; return the faults that never fired (to fail the test)."""
         if self._listening:
-            for name in _EVENTS:
-                event.remove(self._engine, name, self._on_execute)
+            for engine in self._engines:
+                for name in _EVENTS:
+                    event.remove(engine, name, self._on_execute)
             self._listening = False
         return [fault for fault in self.faults if not fault.fired]
 
 
 def _raise(error: ErrorKind, cursor: Any, dialect: str) -> None:
     """Fail the statement on ``cursor`` as the driver fails it (or let the driver do it)."""
-    adapted = cursor._adapt_connection
     if dialect == "postgresql":
+        if not hasattr(cursor, "_adapt_connection"):  # psycopg 3: the sync test engine
+            _raise_psycopg(error, cursor)
+            return
         import asyncpg
+
+        adapted = cursor._adapt_connection
 
         if error == "disconnect":
             adapted._connection.terminate()  # the driver then fails the statement itself
@@ -176,6 +193,20 @@ def _raise(error: ErrorKind, cursor: Any, dialect: str) -> None:
     if error == "disconnect":
         raise sqlite3.ProgrammingError("Cannot operate on a closed database.")
     raise sqlite3.OperationalError("database is locked")
+
+
+def _raise_psycopg(error: ErrorKind, cursor: Any) -> None:
+    """As :func:`_raise`, on a psycopg 3 cursor of the sync test engine (commit isolation)."""
+    import psycopg.errors
+
+    if error == "disconnect":
+        cursor.connection.close()  # psycopg then fails the statement itself
+        return
+    if error == "operational":
+        raise psycopg.errors.QueryCanceled("canceling statement due to statement timeout")
+    raise psycopg.errors.SerializationFailure(
+        "could not serialize access due to concurrent update"
+    )
 
 
 def never_fired_message(faults: list[Fault]) -> str:
@@ -204,7 +235,9 @@ def for_test(database: Database, clock: VirtualClock | None) -> Iterator[Faults]
     time when the test uses ``fastsched_clock``; a fault that never fired fails the test."""
     __tracebackhide__ = True
     now = real_now if clock is None else clock.now
-    faults = Faults(database.engine, database.dialect, database.isolation, now)
+    faults = Faults(
+        database.engine, database.dialect, database.isolation, now, database.sync_engine
+    )
     try:
         yield faults
     finally:

@@ -9,10 +9,11 @@ several connections; the tables are emptied after the test.
 Guards turn the ways code can escape the isolation into errors that name the fix, each
 message next to its guard: a second connection during a rollback test, two tasks sharing the
 test connection at once, statements that cannot run in a transaction, the test connection
-used from another event loop, and a database that rolled the test's transaction back by
-itself (SQLite, when the disk is full). (Connections to other databases are the seal's business:
-:mod:`._seal`.) Jobs often swallow exceptions, so every guard error is also kept on the
-:class:`RunningTest`, and the plugin fails a test that passed with it.
+used from another event loop, a sync session used on the event loop's own thread (its calls
+are made on the loop, which cannot wait for itself), and a database that rolled the test's
+transaction back by itself (SQLite, when the disk is full). (Connections to other databases
+are the seal's business: :mod:`._seal`.) Jobs often swallow exceptions, so every guard error
+is also kept on the :class:`RunningTest`, and the plugin fails a test that passed with it.
 """
 
 from __future__ import annotations
@@ -21,12 +22,14 @@ import asyncio
 import contextlib
 import dataclasses
 import re
+import threading
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
 from typing import Any
 
 from sqlalchemy import event
-from sqlalchemy.engine import Connection, ExceptionContext
+from sqlalchemy.engine import Connection, Engine, ExceptionContext
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
+from sqlalchemy.util import ThreadLocalRegistry
 
 from pytest_fastsched import _options, _rebind
 from pytest_fastsched._records import RunRef, current_run
@@ -74,6 +77,17 @@ OTHER_LOOP = (
     "@pytest.mark.asyncio(loop_scope=...)), and do not run database code in an event "
     "loop of another thread."
 )
+SYNC_ON_LOOP = (
+    "fastsched_db: a sync SQLAlchemy session or connection was used on the event loop's "
+    "thread during a rollback-isolated test. Under rollback isolation the sync side runs on "
+    "the test connection, whose calls are made on the event loop: the loop cannot wait for "
+    "itself. Run the sync database work in a thread, as production should (a sync call on "
+    "the loop blocks every other job and request): await asyncio.to_thread(...) or "
+    "run_in_threadpool(...) in an async job, a sync def job (APScheduler runs it in a "
+    "thread), or a FastAPI def route; or mark the test "
+    "@pytest.mark.fastsched(isolation='commit'), which gives the sync side a connection of "
+    "its own."
+)
 
 
 def _overlap_message(owner: _Holder, intruder: _Holder) -> str:
@@ -106,14 +120,18 @@ class _Holder:
 
     task: asyncio.Task[Any] | None
     run: RunRef | None
+    thread: threading.Thread | None = None
+    """The thread of a sync session (its calls run in short-lived tasks of their own)."""
 
     @classmethod
     def current(cls) -> _Holder:
-        return cls(asyncio.current_task(), current_run.get())
+        return cls(asyncio.current_task(), current_run.get(), _rebind.sync_thread.get())
 
     def describe(self) -> str:
         if self.run is not None:
             return f"job {self.run.job_id!r} (scheduled {self.run.scheduled.isoformat()})"
+        if self.thread is not None:
+            return f"a sync session in the thread {self.thread.name!r}"
         if self.task is None:
             return "code outside any task"
         coroutine = self.task.get_coro()
@@ -219,6 +237,11 @@ class RunningTest:
         if not self.savepoints:
             return
         owner = self.savepoints[-1][1]
+        if owner.thread is not None:  # a sync session: its thread holds the savepoint
+            current = _Holder.current()
+            if owner.thread is not current.thread and owner.thread.is_alive():
+                raise self.violation(_overlap_message(owner, current))
+            return
         task = asyncio.current_task()
         if owner.task is not None and owner.task is not task and not owner.task.done():
             raise self.violation(_overlap_message(owner, _Holder.current()))
@@ -270,12 +293,16 @@ class Isolation:
     def __init__(
         self,
         sessionmakers: Sequence[_rebind.AnySessionmaker] = (),
-        engines: Sequence[AsyncEngine] = (),
+        engines: Sequence[_rebind.AnyEngine] = (),
     ) -> None:
         self.sessionmakers = list(sessionmakers)
         self.engines = list(engines)
         """The app's engines pointed at the test database: ``fastsched_engine``, and the
         engines the sessionmakers were bound to."""
+        self.scoped: list[Any] = []
+        """The app's ``scoped_session`` objects: their sessions are forgotten around a test."""
+        self.sync_engine: Callable[[], Engine] | None = None
+        """The sync engine of the test database (commit isolation of the sync side)."""
         self.active: RunningTest | None = None
         self._guards: dict[AsyncEngine, _Guard] = {}
 
@@ -333,12 +360,28 @@ class Isolation:
         guard = self._guards.get(engine)
         if guard is None:
             guard = self._guards[engine] = _Guard(engine)
-        with _rebind.rebound(self.sessionmakers, self.engines, engine, connection):
+        sync = _rebind.SyncSide(
+            loop=state.loop,
+            refuse=lambda: state.violation(SYNC_ON_LOOP),
+            engine=self.sync_engine,
+        )
+        self._remove_scoped()
+        with _rebind.rebound(self.sessionmakers, self.engines, engine, connection, sync):
             guard.state = self.active = state
             try:
                 yield
             finally:
                 guard.state = self.active = None
+                self._remove_scoped()
+
+    def _remove_scoped(self) -> None:
+        """Forget the sessions of the app's ``scoped_session`` objects, in every thread: a
+        session bound for one test never serves the next (worker threads are reused)."""
+        for scoped in self.scoped:
+            if isinstance(scoped.registry, ThreadLocalRegistry):
+                scoped.registry = ThreadLocalRegistry(scoped.session_factory)
+            else:  # a scopefunc's registry: a dict of the sessions by scope
+                scoped.registry.registry.clear()
 
     def close(self) -> None:
         """Forget the test engines (the end of the process)."""

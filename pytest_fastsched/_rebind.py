@@ -13,16 +13,31 @@
   ``dispose()`` does nothing for the test: the pool it would close is the test's. The event
   listeners the app put on its own engine do not run on the test database (put those a test
   needs on ``fastsched_db.engine``).
+- **Sync SQLAlchemy** (a ``sessionmaker``, a ``scoped_session``, an ``Engine``): under rollback
+  isolation the sync side runs on the test connection itself, so that it sees what the test
+  and the async sessions wrote and its writes are undone with theirs: a sync connection is a
+  joined connection of the test engine, and each of its calls into the database is made on
+  the test's event loop (handed over from the thread that makes it, and waited for there).
+  Sync database work must therefore run off the loop's thread, in a thread-pool job,
+  ``asyncio.to_thread``, ``run_in_threadpool`` or a FastAPI ``def`` route, as it should in
+  production, where it would block every other job; on the loop's thread it fails with
+  ``refuse()``. Under commit isolation the sync side gets a sync engine of its own on the
+  test database (pysqlite, or psycopg 3 on PostgreSQL) and commits for real, from any thread.
 
 Everything is put back as it was after the test.
 """
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
 import contextlib
+import contextvars
+import dataclasses
 import functools
 import itertools
-from collections.abc import Iterator, Sequence
+import threading
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import pytest
@@ -34,13 +49,23 @@ from sqlalchemy.ext.asyncio import (
     async_scoped_session,
     async_sessionmaker,
 )
-from sqlalchemy.orm import sessionmaker
+from sqlalchemy.ext.asyncio import engine as asyncio_engine
+from sqlalchemy.orm import Session, scoped_session, sessionmaker
+from sqlalchemy.util.concurrency import in_greenlet
 
 from pytest_fastsched import _options
 from pytest_fastsched._options import describe, failure
 
 AnySessionmaker = async_sessionmaker[Any] | sessionmaker[Any]
+AnyEngine = AsyncEngine | Engine
 _SAVEPOINT_NAMES = itertools.count(1)
+sync_thread: contextvars.ContextVar[threading.Thread | None] = contextvars.ContextVar(
+    "fastsched_sync_thread", default=None
+)
+"""The thread whose sync connection made the call running in this task (rollback isolation):
+the guards know who holds a savepoint of the test connection."""
+_WAIT_STEP = 0.05
+"""Real seconds a thread waits for the loop at a time, between chances to be stopped."""
 
 
 # -- what the settings name ----------------------------------------------------------------
@@ -51,9 +76,16 @@ def resolve_sessionmakers(paths: Sequence[str]) -> list[AnySessionmaker]:
     return [_check_sessionmaker(_resolve(path, "fastsched_sessionmaker"), path) for path in paths]
 
 
-def resolve_engines(paths: Sequence[str]) -> list[AsyncEngine]:
+def resolve_engines(paths: Sequence[str]) -> list[AnyEngine]:
     """The app's engines of ``fastsched_engine``, checked."""
     return [_check_engine(_resolve(path, "fastsched_engine"), path) for path in paths]
+
+
+def resolve_scoped(paths: Sequence[str]) -> list[scoped_session[Any]]:
+    """The ``scoped_session`` objects among ``fastsched_sessionmaker``: their sessions are
+    forgotten before and after each test."""
+    found = (_resolve(path, "fastsched_sessionmaker") for path in paths)
+    return [each for each in found if isinstance(each, scoped_session)]
 
 
 def _resolve(path: str, option: str) -> Any:
@@ -64,62 +96,101 @@ def _resolve(path: str, option: str) -> Any:
 
 
 def _check_sessionmaker(maker: object, path: str) -> AnySessionmaker:
-    if isinstance(maker, async_scoped_session):
+    if isinstance(maker, (async_scoped_session, scoped_session)):
         maker = maker.session_factory
     if isinstance(maker, async_sessionmaker):
         return maker
-    if isinstance(maker, sessionmaker) and issubclass(maker.class_, AsyncSession):
+    if isinstance(maker, sessionmaker) and issubclass(maker.class_, (AsyncSession, Session)):
         return maker
     raise failure(
-        f"fastsched_sessionmaker = {path!r} is {describe(maker)}, not an async_sessionmaker: "
-        "point it at the app's sqlalchemy.ext.asyncio.async_sessionmaker, or a "
-        "sessionmaker(class_=AsyncSession) (the factory its jobs open sessions with)."
+        f"fastsched_sessionmaker = {path!r} is {describe(maker)}, not a sessionmaker: point "
+        "it at the app's async_sessionmaker, sessionmaker or scoped_session (the factory its "
+        "jobs and routes open sessions with)."
     )
 
 
-def _check_engine(engine: object, path: str) -> AsyncEngine:
-    if isinstance(engine, AsyncEngine):
+def _check_engine(engine: object, path: str) -> AnyEngine:
+    if isinstance(engine, (AsyncEngine, Engine)):
         return engine
     raise failure(
-        f"fastsched_engine = {path!r} is {describe(engine)}, not an AsyncEngine: point it at "
-        "the app's sqlalchemy.ext.asyncio.AsyncEngine (the one create_async_engine() made)."
+        f"fastsched_engine = {path!r} is {describe(engine)}, not an engine: point it at the "
+        "app's sqlalchemy Engine or AsyncEngine (the one create_engine() or "
+        "create_async_engine() made)."
     )
 
 
-def engines_of(makers: Sequence[AnySessionmaker]) -> list[AsyncEngine]:
+def is_sync(maker: AnySessionmaker) -> bool:
+    """A sessionmaker of sync sessions (``sessionmaker()``, not of ``AsyncSession``)."""
+    return isinstance(maker, sessionmaker) and not issubclass(maker.class_, AsyncSession)
+
+
+def engines_of(makers: Sequence[AnySessionmaker]) -> list[AnyEngine]:
     """The engines ``makers`` are bound to: the app's sessions go there too."""
-    return [maker.kw["bind"] for maker in makers if isinstance(maker.kw.get("bind"), AsyncEngine)]
+    return [
+        maker.kw["bind"]
+        for maker in makers
+        if isinstance(maker.kw.get("bind"), (AsyncEngine, Engine))
+    ]
 
 
 # -- pointing them at the test database ------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class SyncSide:
+    """Where the app's sync SQLAlchemy goes for one test.
+
+    Under rollback isolation, ``loop`` is the test's event loop, on which every call of a
+    sync connection into the test connection is made, and ``refuse`` the error raised when
+    one is made on that loop's own thread. Under commit isolation, ``engine`` is the sync
+    engine of the test database.
+    """
+
+    loop: asyncio.AbstractEventLoop | None = None
+    refuse: Callable[[], BaseException] | None = None
+    engine: Callable[[], Engine] | None = None
+
+
 @contextlib.contextmanager
 def rebound(
     makers: Sequence[AnySessionmaker],
-    engines: Sequence[AsyncEngine],
+    engines: Sequence[AnyEngine],
     test_engine: AsyncEngine,
     connection: AsyncConnection | None,
+    sync: SyncSide = SyncSide(),
 ) -> Iterator[None]:
     """Point ``makers`` and ``engines`` at the test database while the block runs.
 
     ``connection`` is the test connection under rollback isolation, ``None`` under commit
-    isolation.
+    isolation; ``sync`` says where the sync ones go.
     """
     saved_makers = [(maker, dict(maker.kw)) for maker in makers]
     redirected: list[_Redirect] = []
     try:
+        sync_engine: Engine | None = None
+        if any(is_sync(maker) for maker in makers) or any(
+            isinstance(engine, Engine) for engine in engines
+        ):
+            sync_engine = _sync_target(test_engine, connection, sync)
         for maker in makers:
-            if connection is None:
+            if is_sync(maker):
+                maker.configure(bind=sync_engine)
+            elif connection is None:
                 maker.configure(bind=test_engine)
             else:
                 maker.configure(bind=connection, join_transaction_mode="create_savepoint")
         joined = None if connection is None else connection.sync_connection
-        seen: set[int] = {id(test_engine.sync_engine)}
+        seen: set[int] = {id(test_engine.sync_engine), id(sync_engine)}
         for engine in engines:
-            if id(engine.sync_engine) not in seen:
-                seen.add(id(engine.sync_engine))
-                redirected.append(_Redirect(engine.sync_engine, test_engine.sync_engine, joined))
+            if isinstance(engine, AsyncEngine):
+                app, target, bridge = engine.sync_engine, test_engine.sync_engine, None
+            else:
+                assert sync_engine is not None
+                app, target, bridge = engine, sync_engine, sync
+            if id(app) not in seen:
+                seen.add(id(app))
+                on_test = joined if bridge is None or connection is not None else None
+                redirected.append(_Redirect(app, target, on_test, bridge))
         yield
     finally:
         for redirect in reversed(redirected):
@@ -129,10 +200,29 @@ def rebound(
             maker.kw.update(kw)
 
 
+def _sync_target(
+    test_engine: AsyncEngine, connection: AsyncConnection | None, sync: SyncSide
+) -> Engine:
+    """The engine the sync side uses: a joined view of the test engine under rollback, the
+    sync test engine under commit isolation."""
+    if connection is None:
+        assert sync.engine is not None
+        return sync.engine()
+    view = Engine.__new__(Engine)
+    _Redirect(view, test_engine.sync_engine, connection.sync_connection, sync)
+    return view
+
+
 class _Redirect:
     """One app engine with the test engine's state, its own put aside until the test ends."""
 
-    def __init__(self, app: Engine, test: Engine, joined: Connection | None) -> None:
+    def __init__(
+        self,
+        app: Engine,
+        test: Engine,
+        joined: Connection | None,
+        bridge: SyncSide | None = None,
+    ) -> None:
         self._app = app
         self._saved = dict(vars(app))
         state = {name: value for name, value in vars(test).items() if name != "dispatch"}
@@ -145,7 +235,10 @@ class _Redirect:
         vars(app)["dispose"] = _no_dispose
         if joined is not None:
             borrowed: Any = _Borrowed(joined.connection)
-            vars(app)["connect"] = functools.partial(_JoinedConnection, app, borrowed)
+            if bridge is None:
+                vars(app)["connect"] = functools.partial(_JoinedConnection, app, borrowed)
+            else:
+                vars(app)["connect"] = functools.partial(_SyncJoined, bridge, app, borrowed)
 
     def restore(self) -> None:
         vars(self._app).clear()
@@ -206,3 +299,59 @@ class _JoinedConnection(Connection):
 
     def _savepoint_impl(self, name: str | None = None) -> str:
         return super()._savepoint_impl(name or f"fastsched_sp_{next(_SAVEPOINT_NAMES)}")
+
+
+class _SyncJoined(_JoinedConnection):
+    """A sync connection on the test connection (rollback isolation): each call into the
+    database is made on the test's event loop, in SQLAlchemy's greenlet there, and waited for
+    by the thread that makes it."""
+
+    def __init__(self, bridge: SyncSide, engine: Engine, fairy: Any) -> None:
+        self._bridge = bridge
+        super().__init__(engine, fairy)
+
+    def _on_loop(self, method: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        if in_greenlet():  # already there: a call made by another one
+            return method(*args, **kwargs)
+        loop, refuse = self._bridge.loop, self._bridge.refuse
+        assert loop is not None
+        assert refuse is not None
+        try:
+            running: asyncio.AbstractEventLoop | None = asyncio.get_running_loop()
+        except RuntimeError:
+            running = None
+        if running is loop:
+            raise refuse()
+        # The copied context carries the job run into the task that runs the call; the
+        # module's greenlet_spawn, which the clock counts as I/O in flight.
+        spawn = asyncio_engine.greenlet_spawn  # type: ignore[attr-defined]
+        token = sync_thread.set(threading.current_thread())
+        try:
+            call = asyncio.run_coroutine_threadsafe(spawn(method, *args, **kwargs), loop)
+        finally:
+            sync_thread.reset(token)
+        while True:  # in short waits, so that the watchdog can stop a stuck job thread
+            with contextlib.suppress(concurrent.futures.TimeoutError):
+                return call.result(timeout=_WAIT_STEP)
+
+    def _execute_context(self, *args: Any, **kwargs: Any) -> Any:
+        return self._on_loop(super()._execute_context, *args, **kwargs)
+
+    def _begin_impl(self, transaction: Any) -> None:
+        self._on_loop(super()._begin_impl, transaction)
+
+    def _commit_impl(self) -> None:
+        self._on_loop(super()._commit_impl)
+
+    def _rollback_impl(self) -> None:
+        self._on_loop(super()._rollback_impl)
+
+    def _savepoint_impl(self, name: str | None = None) -> str:
+        saved: str = self._on_loop(super()._savepoint_impl, name)
+        return saved
+
+    def _release_savepoint_impl(self, name: str) -> None:
+        self._on_loop(super()._release_savepoint_impl, name)
+
+    def _rollback_to_savepoint_impl(self, name: str) -> None:
+        self._on_loop(super()._rollback_to_savepoint_impl, name)

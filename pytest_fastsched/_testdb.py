@@ -35,8 +35,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import sqlalchemy
 from sqlalchemy import MetaData, Table, event, inspect, text
-from sqlalchemy.engine import Connection, make_url
+from sqlalchemy.engine import Connection, Engine, make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
@@ -67,6 +68,42 @@ def create_engine(url: str, **options: Any) -> AsyncEngine:
         event.listen(engine.sync_engine, "connect", _sqlite_connect)
         event.listen(engine.sync_engine, "begin", _sqlite_begin)
     return engine
+
+
+SYNC_DRIVERS = {"sqlite": "sqlite+pysqlite", "postgresql": "postgresql+psycopg"}
+"""The sync drivers of the sync test engine, by database."""
+
+
+def create_sync_engine(url: str, clock: _dbclock.DatabaseClock | None = None) -> Engine:
+    """A sync engine for the database of ``url`` (an async URL), with ``clock``; on SQLite
+    with the pysqlite savepoint workaround, and its connections usable from any thread."""
+    parsed = make_url(url)
+    sync_url = parsed.set(drivername=SYNC_DRIVERS[parsed.get_backend_name()])
+    options = clock.sync_engine_options() if clock is not None else {}
+    if parsed.get_backend_name() == "sqlite":
+        options["connect_args"] = {"check_same_thread": False}
+    try:
+        engine = sqlalchemy.create_engine(sync_url, **options)
+    except ImportError as error:
+        raise failure(
+            "fastsched_db: the app's sync SQLAlchemy (commit isolation) needs a sync driver for "
+            f"the test database, {sync_url.drivername}, which does not import ({error}). "
+            "Install it: pip install 'psycopg[binary]'."
+        ) from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sync_sqlite_connect)
+        event.listen(engine, "begin", _sync_sqlite_begin)
+    if clock is not None:
+        clock.listen(engine)
+    return engine
+
+
+def _sync_sqlite_connect(dbapi_connection: Any, _record: Any) -> None:
+    dbapi_connection.isolation_level = None
+
+
+def _sync_sqlite_begin(connection: Connection) -> None:
+    connection.exec_driver_sql("BEGIN")
 
 
 SQLITE_THREAD = "fastsched-sqlite-connection"
@@ -478,6 +515,7 @@ class TestDatabase:
         self.engine_options: dict[str, Any] = {}
         self._engine: AsyncEngine | None = None
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
+        self._sync_engine: Engine | None = None
         self.database_clock = (
             _dbclock.DatabaseClock(self.dialect) if settings.database_clock == "virtual" else None
         )
@@ -597,6 +635,21 @@ class TestDatabase:
             clock.listen(engine)
         return engine
 
+    def sync_engine(self) -> Engine:
+        """The sync engine of the test database, for the app's sync sessions under commit
+        isolation: pysqlite, or psycopg 3 on PostgreSQL; made on first use, for every thread.
+
+        The options of ``fastsched_engine_options`` are the async test engine's, not its.
+        """
+        if self._sync_engine is None:
+            self._sync_engine = create_sync_engine(self.url, self.database_clock)
+        return self._sync_engine
+
+    @property
+    def made_sync_engine(self) -> Engine | None:
+        """The engine :meth:`sync_engine` made, or ``None`` before."""
+        return self._sync_engine
+
     @contextlib.contextmanager
     def following(self, clock: _dbclock.Instant | None) -> Iterator[None]:
         """The database reads ``clock``'s instant while the block runs (``None``, or
@@ -645,6 +698,9 @@ class TestDatabase:
         engine, self._engine = self._engine, None
         if engine is not None:
             _postgres._run_in_fresh_loop(engine.dispose())
+        sync_engine, self._sync_engine = self._sync_engine, None
+        if sync_engine is not None:
+            sync_engine.dispose()
         location, self._location = self._location, None
         if isinstance(location, _SqliteLocation):
             location.remove()

@@ -43,7 +43,7 @@ from contextlib import asynccontextmanager
 
 from sqlalchemy import DDL, MetaData, String, event, select, text, update
 from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
-from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 
 class Base(DeclarativeBase):
@@ -61,7 +61,6 @@ class Item(Base):
 engine = create_async_engine(os.environ["FASTSCHED_CANARY_URL"])
 async_session_factory = async_sessionmaker(engine, expire_on_commit=False)
 expiring_session_factory = async_sessionmaker(engine)  # expire_on_commit=True
-sync_session_factory = sessionmaker()
 broken_metadata = MetaData()
 event.listen(broken_metadata, "after_create", DDL("THIS IS NOT SQL"))
 empty_metadata = MetaData()  # as when the module of the models is never imported

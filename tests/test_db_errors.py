@@ -39,18 +39,18 @@ BAD_INPUT = {
         "fastsched_sessionmaker = 'app:nope': module 'app' has no attribute 'nope'. "
         "Check the name after the ':'.",
     ),
-    "sync sessionmaker": (
-        "--fastsched-sessionmaker=app:sync_session_factory",
-        "fastsched_sessionmaker = 'app:sync_session_factory' is a "
-        "sqlalchemy.orm.session.sessionmaker, not an async_sessionmaker: point it at the "
-        "app's sqlalchemy.ext.asyncio.async_sessionmaker, or a "
-        "sessionmaker(class_=AsyncSession) (the factory its jobs open sessions with).",
+    "not a sessionmaker": (
+        "--fastsched-sessionmaker=app:engine",
+        "fastsched_sessionmaker = 'app:engine' is a sqlalchemy.ext.asyncio.engine.AsyncEngine, "
+        "not a sessionmaker: point it at the app's async_sessionmaker, sessionmaker or "
+        "scoped_session (the factory its jobs and routes open sessions with).",
     ),
     "not an engine": (
         "--fastsched-engine=app:async_session_factory",
         "fastsched_engine = 'app:async_session_factory' is a "
-        "sqlalchemy.ext.asyncio.session.async_sessionmaker, not an AsyncEngine: point it at "
-        "the app's sqlalchemy.ext.asyncio.AsyncEngine (the one create_async_engine() made).",
+        "sqlalchemy.ext.asyncio.session.async_sessionmaker, not an engine: point it at the "
+        "app's sqlalchemy Engine or AsyncEngine (the one create_engine() or "
+        "create_async_engine() made).",
     ),
     "not a MetaData": (
         "--fastsched-metadata=app:Base",
