@@ -40,6 +40,7 @@ import threading
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
+import greenlet
 import pytest
 from sqlalchemy.engine import Connection, Engine
 from sqlalchemy.ext.asyncio import (
@@ -51,7 +52,6 @@ from sqlalchemy.ext.asyncio import (
 )
 from sqlalchemy.ext.asyncio import engine as asyncio_engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
-from sqlalchemy.util.concurrency import in_greenlet
 
 from pytest_fastsched import _options
 from pytest_fastsched._options import describe, failure
@@ -299,6 +299,18 @@ class _JoinedConnection(Connection):
 
     def _savepoint_impl(self, name: str | None = None) -> str:
         return super()._savepoint_impl(name or f"fastsched_sp_{next(_SAVEPOINT_NAMES)}")
+
+
+def in_greenlet() -> bool:
+    """Whether the caller runs in SQLAlchemy's asyncio greenlet (``greenlet_spawn``).
+
+    ``sqlalchemy.util.concurrency.in_greenlet`` is missing from older SQLAlchemy 2.0 releases;
+    the greenlet class is ``_AsyncIoGreenlet`` in every 2.0 release.
+    """
+    current = greenlet.getcurrent()
+    return bool(getattr(current, "__sqlalchemy_greenlet_provider__", False)) or (
+        type(current).__name__ == "_AsyncIoGreenlet"
+    )
 
 
 class _SyncJoined(_JoinedConnection):
