@@ -177,7 +177,7 @@ async def new_connection(databases: _db.Databases) -> Sample:
     test on a loop of its own does (SQLite: the date functions are registered on it)."""
     samples = []
     for _ in range(CONNECTIONS):
-        engine = databases.testdb._create_test_engine()
+        engine = databases.testdb._create_test_engine(databases.testdb.engine_options)
         with timed() as timer:
             async with engine.connect() as connection:
                 await connection.execute(text("select 1"))
