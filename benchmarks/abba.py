@@ -54,7 +54,11 @@ def ratios(numerators: Sequence[float], denominators: Sequence[float]) -> list[f
 
 def ratio(numerators: Sequence[float], denominators: Sequence[float]) -> str:
     """The median and range of the per-round ratios: ``1.23x (1.10-1.40)``."""
-    values = ratios(numerators, denominators)
+    return spread(ratios(numerators, denominators))
+
+
+def spread(values: Sequence[float]) -> str:
+    """The median and range of ratios: ``1.23x (1.10-1.40)``."""
     return f"{statistics.median(values):.2f}x ({min(values):.2f}-{max(values):.2f})"
 
 

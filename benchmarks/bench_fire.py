@@ -1,7 +1,7 @@
 """Per-fire cost of the harness against APScheduler's own job processing, and its growth.
 
-    python benchmarks/bench_fire.py [fire|growth|many|day|setup|all] [--reps N] [--days N]
-        [--hours N] [--backend time-machine|freezegun]
+    python benchmarks/bench_fire.py [fire|growth|many|all] [--reps N] [--days N] [--hours N]
+        [--backend time-machine|freezegun]
 
 What is measured (each figure in one process; sides alternate A B B A within every
 repetition and the report gives the median and range of the per-repetition ratios):
@@ -32,27 +32,27 @@ growth A 1-minute no-op job driven day by day (``advance(days=1)`` 30 times, one
        of the first 5 (target <= 1.1; single days jump with the machine's load).
 many   100 no-op 1-minute jobs for N virtual hours (default 2 = 12,000 fires): harness
        against the APScheduler baseline above with the same 100 jobs (target <= 1.5x).
-day    The bench_clock.py headline: a virtual day of a 1-minute job doing one SQLite round
-       trip against awaiting the body 1,440 times in a plain loop (target <= 1.2x).
-setup  Clock set-up + tear-down (VirtualClock start/close) per backend.
+The virtual day of a 1-minute job doing one SQLite round trip against a plain loop, and the
+clock's set-up and tear-down, are ``bench_clock.py``'s.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import dataclasses
 import datetime as dt
 import gc
 import math
 import os
 import statistics
-import sys
-import tempfile
 import time
 import types
-from collections.abc import Awaitable, Callable, Generator
-from pathlib import Path
+from collections.abc import AsyncIterator, Awaitable, Callable, Generator
+from typing import Any
 
+import abba
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
 from pytest_fastsched._clock import VirtualClock, from_us, to_us
@@ -133,19 +133,37 @@ def _yield() -> Generator[None, None, None]:
     yield
 
 
-async def timer_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440) -> float:
-    """The floor of any harness that lets APScheduler wake up on its own loop timer.
+@dataclasses.dataclass
+class _Bare:
+    """APScheduler on loop timers with nothing else: what a floor run drives."""
 
-    No harness: the loop's ``time()`` is replaced on the instance, the scheduler runs its own
-    wakeup timer (its body called directly, without the call_soon_threadsafe hop), and a bare
-    driver settles the loop (yield while anything is ready or due), then jumps the loop and
-    wall clocks to the next timer. No run log, no checks, no watchdog.
-    """
+    wall: Any
+    loop: asyncio.AbstractEventLoop
+    scheduler: AsyncIOScheduler
+    origin: float
+    origin_us: int
+    current: list[float]
+
+    def step_to_next_timer(self, target_us: int) -> bool:
+        """Jump the loop and wall clocks to the next timer; False when it lies past the target."""
+        when = self.loop._scheduled[0].when()  # type: ignore[attr-defined]
+        due_us = round(self.origin_us + (when - self.origin) * 1e6)
+        if due_us > target_us:
+            return False
+        self.wall.move_to(from_us(due_us))
+        self.current[0] = math.nextafter(when, math.inf)
+        return True
+
+
+@contextlib.asynccontextmanager
+async def _bare_scheduler(backend: str, jobs: int, minutes: int) -> AsyncIterator[_Bare]:
+    """``jobs`` no-op 1-minute jobs on a started scheduler whose wakeup timer is a loop timer
+    (its body called directly, without the call_soon_threadsafe hop), on a loop whose
+    ``time()`` is replaced on the instance; checked after ``minutes`` and torn down."""
     wall = make_wall_clock(backend)
     wall.start(START)
     loop = asyncio.get_running_loop()
     origin = loop.time()
-    origin_us = to_us(START)
     current = [origin]
     loop.time = lambda: current[0]  # type: ignore[method-assign]
     try:
@@ -161,20 +179,7 @@ async def timer_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440) -
         for index in range(jobs):
             scheduler.add_job(noop, "interval", minutes=1, id=f"job{index}")
         scheduler.start()
-        target = origin_us + minutes * 60_000_000
-        ready, timers = loop._ready, loop._scheduled  # type: ignore[attr-defined]
-        gc.collect()
-        began = time.perf_counter()
-        while True:
-            while ready or (timers and timers[0].when() < current[0]):
-                await _yield()
-            when = timers[0].when()
-            due_us = round(origin_us + (when - origin) * 1e6)
-            if due_us > target:
-                break
-            wall.move_to(from_us(due_us))
-            current[0] = math.nextafter(when, math.inf)
-        elapsed = time.perf_counter() - began
+        yield _Bare(wall, loop, scheduler, origin, to_us(START), current)
         job = scheduler.get_job("job0")
         assert job.next_run_time == START + (minutes + 1) * MINUTE, job.next_run_time
         scheduler.shutdown(wait=False)
@@ -182,7 +187,26 @@ async def timer_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440) -
     finally:
         del loop.time
         wall.stop()
-    return elapsed
+
+
+async def timer_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440) -> float:
+    """The floor of any harness that lets APScheduler wake up on its own loop timer.
+
+    No harness: a bare driver settles the loop (yield while anything is ready or due), then
+    jumps the loop and wall clocks to the next timer. No run log, no checks, no watchdog.
+    """
+    async with _bare_scheduler(backend, jobs, minutes) as bare:
+        target = bare.origin_us + minutes * 60_000_000
+        ready, timers = bare.loop._ready, bare.loop._scheduled  # type: ignore[attr-defined]
+        current = bare.current
+        gc.collect()
+        began = time.perf_counter()
+        while True:
+            while ready or (timers and timers[0].when() < current[0]):
+                await _yield()
+            if not bare.step_to_next_timer(target):
+                break
+        return time.perf_counter() - began  # measured before the check and tear-down
 
 
 async def callback_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440) -> float:
@@ -194,28 +218,10 @@ async def callback_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440
     clocks itself. The driving coroutine is resumed once, at the end. This is the floor of a
     callback-driven clock: 3 loop iterations per fire instead of 4.
     """
-    wall = make_wall_clock(backend)
-    wall.start(START)
-    loop = asyncio.get_running_loop()
-    origin = loop.time()
-    origin_us = to_us(START)
-    current = [origin]
-    loop.time = lambda: current[0]  # type: ignore[method-assign]
-    try:
-        scheduler = AsyncIOScheduler(timezone="UTC")
-        body = AsyncIOScheduler.wakeup.__wrapped__  # type: ignore[attr-defined]
-
-        def start_timer(wait_seconds: float | None) -> None:
-            scheduler._stop_timer()
-            if wait_seconds is not None:
-                scheduler._timeout = loop.call_later(wait_seconds, body, scheduler)
-
-        scheduler._start_timer = start_timer
-        for index in range(jobs):
-            scheduler.add_job(noop, "interval", minutes=1, id=f"job{index}")
-        scheduler.start()
-        executor = scheduler._lookup_executor("default")
-        target = origin_us + minutes * 60_000_000
+    async with _bare_scheduler(backend, jobs, minutes) as bare:
+        loop, current = bare.loop, bare.current
+        executor = bare.scheduler._lookup_executor("default")
+        target = bare.origin_us + minutes * 60_000_000
         ready, timers = loop._ready, loop._scheduled  # type: ignore[attr-defined]
         finished = loop.create_future()
 
@@ -227,28 +233,16 @@ async def callback_floor_run(backend: str, *, jobs: int = 1, minutes: int = 1440
             if ready or (timers and timers[0].when() < current[0]):
                 loop.call_soon(probe)
                 return
-            when = timers[0].when()
-            due_us = round(origin_us + (when - origin) * 1e6)
-            if due_us > target:
+            if not bare.step_to_next_timer(target):
                 finished.set_result(None)
                 return
-            wall.move_to(from_us(due_us))
-            current[0] = math.nextafter(when, math.inf)
             loop.call_soon(probe)
 
         gc.collect()
         began = time.perf_counter()
         loop.call_soon(probe)
         await finished
-        elapsed = time.perf_counter() - began
-        job = scheduler.get_job("job0")
-        assert job.next_run_time == START + (minutes + 1) * MINUTE, job.next_run_time
-        scheduler.shutdown(wait=False)
-        await asyncio.sleep(0)
-    finally:
-        del loop.time
-        wall.stop()
-    return elapsed
+        return time.perf_counter() - began  # measured before the check and tear-down
 
 
 async def sleep0_run(iterations: int = 1440) -> float:
@@ -277,53 +271,10 @@ async def growth_run(backend: str, days: int) -> list[float]:
     return per_day
 
 
-# -- the SQLite virtual day ---------------------------------------------------------------------
-
-
-async def _round_trip(engine) -> None:  # type: ignore[no-untyped-def]
-    from sqlalchemy import text
-
-    async with engine.connect() as conn:
-        await conn.execute(text("select 1"))
-
-
-async def sqlite_day(engine, backend: str) -> float:  # type: ignore[no-untyped-def]
-    clock = VirtualClock(start=START, backend=backend)
-    clock.start()
-    harness = SchedulerHarness(clock)
-    scheduler = AsyncIOScheduler(timezone="UTC")
-
-    async def job() -> None:
-        await _round_trip(engine)
-
-    scheduler.add_job(job, "interval", minutes=1, id="job")
-    harness.attach(scheduler)
-    clock.attach()
-    began = time.perf_counter()
-    await clock.advance(days=1)
-    elapsed = time.perf_counter() - began
-    assert len(harness.run_times("job")) == 1440
-    harness.close()
-    clock.close()
-    return elapsed
-
-
-async def plain_day(engine) -> float:  # type: ignore[no-untyped-def]
-    began = time.perf_counter()
-    for _ in range(1440):
-        await _round_trip(engine)
-    return time.perf_counter() - began
-
-
 # -- reporting ----------------------------------------------------------------------------------
 
 
-def loadavg() -> str:
-    with open("/proc/loadavg") as file:
-        return " ".join(file.read().split()[:3])
-
-
-async def abba(
+async def paired(
     a: Callable[[], Awaitable[float]], b: Callable[[], Awaitable[float]], reps: int
 ) -> tuple[list[float], list[float], list[float]]:
     """Per-repetition A B B A; returns (a samples, b samples, per-rep ratios a/b)."""
@@ -341,20 +292,16 @@ async def abba(
     return a_samples, b_samples, ratios
 
 
-def summary(ratios: list[float]) -> str:
-    return f"{statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})"
-
-
 async def bench_fire(reps: int) -> None:
     floor = statistics.median([await sleep0_run() for _ in range(5)]) / 1440
     print(f"| asyncio.sleep(0) per iteration | {floor * 1e6:.1f} us | |")
     for backend in BACKENDS:
-        h, a, ratios = await abba(
+        h, a, ratios = await paired(
             lambda backend=backend: harness_run(backend),
             lambda backend=backend: apscheduler_run(backend),
             reps,
         )
-        f, a2, floor_ratios = await abba(
+        f, a2, floor_ratios = await paired(
             lambda backend=backend: timer_floor_run(backend),
             lambda backend=backend: apscheduler_run(backend),
             reps,
@@ -362,9 +309,10 @@ async def bench_fire(reps: int) -> None:
         print(
             f"| per fire, no-op job, {backend}: harness / APScheduler's own | "
             f"{statistics.median(h) / 1440 * 1e6:.0f} us / "
-            f"{statistics.median(a) / 1440 * 1e6:.0f} us | {summary(ratios)} | load {loadavg()}"
+            f"{statistics.median(a) / 1440 * 1e6:.0f} us | {abba.spread(ratios)} | "
+            f"load {abba.load()}"
         )
-        c, a3, callback_ratios = await abba(
+        c, a3, callback_ratios = await paired(
             lambda backend=backend: callback_floor_run(backend),
             lambda backend=backend: apscheduler_run(backend),
             reps,
@@ -372,21 +320,21 @@ async def bench_fire(reps: int) -> None:
         print(
             f"| per fire, no-op job, {backend}: callback floor / APScheduler's own | "
             f"{statistics.median(c) / 1440 * 1e6:.0f} us / "
-            f"{statistics.median(a3) / 1440 * 1e6:.0f} us | {summary(callback_ratios)} | "
-            f"load {loadavg()}"
+            f"{statistics.median(a3) / 1440 * 1e6:.0f} us | {abba.spread(callback_ratios)} | "
+            f"load {abba.load()}"
         )
         print(
             f"| per fire, no-op job, {backend}: timer floor / APScheduler's own | "
             f"{statistics.median(f) / 1440 * 1e6:.0f} us / "
-            f"{statistics.median(a2) / 1440 * 1e6:.0f} us | {summary(floor_ratios)} | "
-            f"load {loadavg()}"
+            f"{statistics.median(a2) / 1440 * 1e6:.0f} us | {abba.spread(floor_ratios)} | "
+            f"load {abba.load()}"
         )
 
 
 async def bench_many(reps: int, hours: int) -> None:
     minutes = hours * 60
     for backend in BACKENDS:
-        h, a, ratios = await abba(
+        h, a, ratios = await paired(
             lambda backend=backend: harness_run(backend, jobs=100, minutes=minutes),
             lambda backend=backend: apscheduler_run(backend, jobs=100, minutes=minutes),
             reps,
@@ -394,7 +342,7 @@ async def bench_many(reps: int, hours: int) -> None:
         print(
             f"| 100 jobs x {minutes} min, {backend}: harness / APScheduler's own | "
             f"{statistics.median(h) * 1e3:.0f} ms / {statistics.median(a) * 1e3:.0f} ms | "
-            f"{summary(ratios)} | load {loadavg()}"
+            f"{abba.spread(ratios)} | load {abba.load()}"
         )
 
 
@@ -407,42 +355,7 @@ async def bench_growth(days: int, backends: tuple[str, ...]) -> None:
         print(
             f"| {days} days of a 1-min no-op job, {backend}: day 1 {per_day[0]:.2f} s, "
             f"day {days} {per_day[-1]:.2f} s | median of the last {span} days / of the first "
-            f"{span}: {last / first:.2f}x | load {loadavg()} |\n  per day: {shown}"
-        )
-
-
-async def bench_day(reps: int) -> None:
-    from sqlalchemy.ext.asyncio import create_async_engine
-
-    with tempfile.TemporaryDirectory() as directory:
-        engine = create_async_engine(f"sqlite+aiosqlite:///{Path(directory) / 'bench.db'}")
-        await _round_trip(engine)
-        for backend in BACKENDS:
-            h, p, ratios = await abba(
-                lambda backend=backend: sqlite_day(engine, backend),
-                lambda: plain_day(engine),
-                reps,
-            )
-            print(
-                f"| virtual day, 1-min job + SQLite, {backend} / plain loop | "
-                f"{statistics.median(h) * 1e3:.0f} ms / {statistics.median(p) * 1e3:.0f} ms | "
-                f"{summary(ratios)} | load {loadavg()}"
-            )
-        await engine.dispose()
-
-
-def bench_setup(count: int = 200) -> None:
-    for backend in BACKENDS:
-        samples = []
-        for _ in range(count):
-            began = time.perf_counter()
-            clock = VirtualClock(start=START, backend=backend)
-            clock.start()
-            clock.close()
-            samples.append(time.perf_counter() - began)
-        print(
-            f"| clock set-up + tear-down, {backend} ({len(sys.modules)} modules loaded) | "
-            f"{statistics.median(samples) * 1e6:.0f} us | load {loadavg()}"
+            f"{span}: {last / first:.2f}x | load {abba.load()} |\n  per day: {shown}"
         )
 
 
@@ -455,17 +368,13 @@ async def main() -> None:
     parser.add_argument("--backend", default=None)
     args = parser.parse_args()
     backends = (args.backend,) if args.backend else BACKENDS
-    print(f"pid {os.getpid()}, load {loadavg()}")
+    print(f"pid {os.getpid()}, load {abba.load()}")
     if args.what in ("fire", "all"):
         await bench_fire(args.reps)
     if args.what in ("many", "all"):
         await bench_many(max(1, args.reps // 2), args.hours)
-    if args.what in ("day", "all"):
-        await bench_day(max(1, args.reps // 2))
     if args.what in ("growth", "all"):
         await bench_growth(args.days, backends)
-    if args.what in ("setup", "all"):
-        bench_setup()
 
 
 if __name__ == "__main__":
