@@ -45,9 +45,10 @@ from sqlalchemy import Column, DateTime, Integer, MetaData, String, Table, func,
 from sqlalchemy.ext.asyncio import AsyncEngine
 
 from pytest_fastsched import _db, _dbclock, _options
-from pytest_fastsched._clock import VirtualClock, to_us
+from pytest_fastsched._clock import VirtualClock
 from pytest_fastsched._postgres import EphemeralPostgres
 from pytest_fastsched._scheduler import SchedulerHarness
+from pytest_fastsched._wallclock import to_us
 
 START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 STATEMENTS = 2000

@@ -55,9 +55,9 @@ from typing import Any
 import abba
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
-from pytest_fastsched._clock import VirtualClock, from_us, to_us
+from pytest_fastsched._clock import VirtualClock
 from pytest_fastsched._scheduler import SchedulerHarness
-from pytest_fastsched._wallclock import make_wall_clock
+from pytest_fastsched._wallclock import from_us, make_wall_clock, to_us
 
 START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 MINUTE = dt.timedelta(minutes=1)

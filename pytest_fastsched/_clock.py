@@ -40,18 +40,15 @@ from pytest_fastsched import _jobtime, _leftovers, _threads, _watchdog
 from pytest_fastsched._leftovers import LeftoverWorkError
 from pytest_fastsched._network import NetworkCalls
 from pytest_fastsched._options import Settings, clock_backend, marker_options
-from pytest_fastsched._wallclock import make_wall_clock, refuse_foreign_freezes
+from pytest_fastsched._wallclock import from_us, make_wall_clock, refuse_foreign_freezes, to_us
 from pytest_fastsched._watchdog import Watchdog
 
 _T = TypeVar("_T")
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 _US = 1_000_000
 _MISSING = object()
 # Loop iterations with work queued between two looks at the watchdog's deadline.
 _SPINS_PER_LOOK = 64
-_MAX_US = (dt.datetime.max.replace(tzinfo=dt.timezone.utc) - _EPOCH) // dt.timedelta(
-    microseconds=1
-)
+_MAX_US = to_us(dt.datetime.max.replace(tzinfo=dt.timezone.utc))
 # The async functions that wait for database drivers: (module, attribute path).
 _IO_TARGETS = (
     ("sqlalchemy.ext.asyncio.engine", "greenlet_spawn"),
@@ -99,17 +96,6 @@ class ClockError(Exception):
 
 class WatchdogTimeout(AssertionError):
     """Work the clock waited for did not finish within the real-time watchdog."""
-
-
-def to_us(instant: dt.datetime) -> int:
-    """Microseconds since the Unix epoch of an aware datetime, exactly."""
-    delta = instant - _EPOCH
-    return (delta.days * 86_400 + delta.seconds) * _US + delta.microseconds
-
-
-def from_us(us: int) -> dt.datetime:
-    """The aware UTC datetime ``us`` microseconds after the Unix epoch."""
-    return _EPOCH + dt.timedelta(microseconds=us)
 
 
 class _Inflight:

@@ -35,7 +35,6 @@ round trip per virtual instant that touches the database.
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
 import functools
 import re
 import sqlite3
@@ -49,11 +48,11 @@ from sqlalchemy.ext.asyncio import AsyncEngine
 from sqlalchemy.util import await_only
 
 from pytest_fastsched._options import failure
+from pytest_fastsched._wallclock import from_us
 
 SCHEMA = "fastsched_clock"
 SEARCH_PATH = f'"$user", public, {SCHEMA}, pg_catalog'
 """The search path of the test engine's connections on PostgreSQL."""
-_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
 class Instant(Protocol):
@@ -280,7 +279,7 @@ class _SqliteNow:
     def __init__(self, now_us: int) -> None:
         self.now_us = now_us
         ms = now_us // 1000
-        instant = _EPOCH + dt.timedelta(milliseconds=ms)
+        instant = from_us(ms * 1000)
         self.text = (
             f"{instant.year:04d}-{instant.month:02d}-{instant.day:02d} "
             f"{instant.hour:02d}:{instant.minute:02d}:{instant.second:02d}."

@@ -35,10 +35,11 @@ from typing import Any, Protocol
 import pytest
 
 from pytest_fastsched import _asserts, _leftovers
-from pytest_fastsched._clock import ClockError, VirtualClock, from_us, to_us
+from pytest_fastsched._clock import ClockError, VirtualClock
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
 from pytest_fastsched._threads import JobStopped, JobThreads
+from pytest_fastsched._wallclock import from_us, to_us
 
 ReplicaFactory = Callable[["SchedulerHarness", int, Callable[[], Any]], "Replicas"]
 """Makes the replicas of a harness: ``(harness, count, engine)``; see :mod:`._replicas`."""

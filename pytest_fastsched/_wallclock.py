@@ -33,6 +33,17 @@ class WallClock(Protocol):
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
 
 
+def to_us(instant: dt.datetime) -> int:
+    """Microseconds since the Unix epoch of an aware datetime, exactly."""
+    delta = instant - _EPOCH
+    return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+
+
+def from_us(us: int) -> dt.datetime:
+    """The aware UTC datetime ``us`` microseconds after the Unix epoch."""
+    return _EPOCH + dt.timedelta(microseconds=us)
+
+
 def _naive_utc(instant: dt.datetime) -> dt.datetime:
     # Naive UTC on purpose: an aware destination makes time-machine set TZ, which changes
     # what tzlocal (and so APScheduler's default timezone) reports.
@@ -169,8 +180,7 @@ class TimeMachineWallClock:
 
     def move_to(self, instant: dt.datetime, us: int | None = None) -> None:
         if us is None:
-            delta = instant - _EPOCH
-            us = (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
+            us = to_us(instant)
         if self._exact:
             self._traveller._destination_timestamp_ns = us * 1000
         else:
@@ -232,9 +242,7 @@ def _destination(freezer: Any) -> dt.datetime | None:
         return frozen.replace(tzinfo=dt.timezone.utc)
     stamp = getattr(freezer, "destination_timestamp_ns", None)  # time-machine
     if isinstance(stamp, int):
-        return dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc) + dt.timedelta(
-            microseconds=stamp // 1000
-        )
+        return from_us(stamp // 1000)
     seconds = getattr(freezer, "destination_timestamp", None)  # older time-machine releases
     if isinstance(seconds, (int, float)):
         return dt.datetime.fromtimestamp(seconds, dt.timezone.utc)
