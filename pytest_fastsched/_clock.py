@@ -31,7 +31,7 @@ import heapq
 import inspect
 import math
 from asyncio import _get_running_loop
-from collections.abc import Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
 
 import pytest
@@ -42,6 +42,7 @@ from pytest_fastsched._network import NetworkCalls
 from pytest_fastsched._options import Settings, clock_backend, marker_options
 from pytest_fastsched._wallclock import from_us, make_wall_clock, refuse_foreign_freezes, to_us
 from pytest_fastsched._watchdog import Watchdog
+from pytest_fastsched._worlds import World, close_world, world_of
 
 _T = TypeVar("_T")
 _US = 1_000_000
@@ -353,7 +354,14 @@ class VirtualClock:
     while the test itself awaits a loop timer (``await asyncio.sleep(s)``).
     """
 
-    def __init__(self, *, start: dt.datetime, backend: str = "freezegun", watchdog: float = 30.0):
+    def __init__(
+        self,
+        *,
+        start: dt.datetime,
+        backend: str = "freezegun",
+        watchdog: float = 30.0,
+        world: World | None = None,
+    ):
         if start.tzinfo is None or start.utcoffset() is None:
             raise ClockError(f"the start instant {start.isoformat()} is naive: give it a tzinfo")
         self.start_instant = start.astimezone(dt.timezone.utc)
@@ -361,6 +369,8 @@ class VirtualClock:
         self.now_us = to_us(self.start_instant)
         self._now = (self.now_us, from_us(self.now_us))
         self.watchdog_seconds = watchdog
+        self.world = world or World(sync_test=False)
+        """The test's world: a ``def`` test calls ``advance()`` and the like without await."""
         self.inflight = _Inflight()
         self.network = NetworkCalls(
             lambda: self.loop, lambda: self.now_us, self._next_timer_us, self._wake_waiter
@@ -432,22 +442,39 @@ class VirtualClock:
             callback(loop)
 
     def attach_on_test_start(self, item: pytest.Item) -> Callable[[], None]:
-        """Make the test coroutine attach the clock to its loop before its first line runs."""
+        """Make the test attach the clock to its loop before its first line runs.
+
+        An ``async def`` test attaches it to the loop it runs on; a ``def`` test to the loop
+        its calls run on (see :mod:`._worlds`).
+        """
         original = getattr(item, "obj", None)
-        if original is None or not inspect.iscoroutinefunction(original):
+        if original is None or not callable(original):
             return lambda: None
         clock = self
+        attached: Callable[..., Any]
+        if inspect.iscoroutinefunction(original):
 
-        @functools.wraps(original)
-        async def attached_test(*args: Any, **kwargs: Any) -> Any:
-            clock.attach()
-            clock._test_task = asyncio.current_task()
-            try:
-                return await original(*args, **kwargs)
-            finally:
-                clock._test_task = None
+            @functools.wraps(original)
+            async def attached_test(*args: Any, **kwargs: Any) -> Any:
+                clock.attach()
+                clock._test_task = asyncio.current_task()
+                try:
+                    return await original(*args, **kwargs)
+                finally:
+                    clock._test_task = None
 
-        item.obj = attached_test  # type: ignore[attr-defined]
+            attached = attached_test
+        elif self.world.sync_test:
+
+            @functools.wraps(original)
+            def attached_sync_test(*args: Any, **kwargs: Any) -> Any:
+                clock.attach(clock.world.loop_of_sync_test())
+                return original(*args, **kwargs)
+
+            attached = attached_sync_test
+        else:
+            return lambda: None
+        item.obj = attached  # type: ignore[attr-defined]
 
         def restore() -> None:
             item.obj = original  # type: ignore[attr-defined]
@@ -533,7 +560,7 @@ class VirtualClock:
 
     # -- moving time --------------------------------------------------------------------------
 
-    async def advance(
+    def advance(
         self,
         delta: dt.timedelta | float | None = None,
         *,
@@ -541,23 +568,35 @@ class VirtualClock:
         minutes: float = 0,
         hours: float = 0,
         days: float = 0,
-    ) -> None:
+    ) -> Awaitable[None]:
         """Move time forward by ``delta`` (or the keyword amounts), firing everything due.
 
         Every deadline on the way (job fire times, ``asyncio.sleep`` inside jobs) is visited
         in order, and everything runnable settles at each instant before time moves on. A
-        job exception is raised from here at the virtual instant it happened.
+        job exception is raised from here at the virtual instant it happened. Await it in an
+        ``async def`` test; a ``def`` test calls it without await (it returns when done).
         """
         __tracebackhide__ = True
         step = _duration(delta, seconds=seconds, minutes=minutes, hours=hours, days=days)
-        await self._drive(self._within_range(self.now_us + step, "advance"), visit_deadlines=True)
 
-    async def advance_to(self, instant: dt.datetime) -> None:
+        async def advance() -> None:
+            __tracebackhide__ = True
+            target = self._within_range(self.now_us + step, "advance")
+            await self._drive(target, visit_deadlines=True)
+
+        return self._in_world("advance", advance)
+
+    def advance_to(self, instant: dt.datetime) -> Awaitable[None]:
         """Move time forward to the aware datetime ``instant``, firing everything due."""
         __tracebackhide__ = True
-        await self._drive(self._target_of(instant, "advance_to"), visit_deadlines=True)
 
-    async def jump(
+        async def advance_to() -> None:
+            __tracebackhide__ = True
+            await self._drive(self._target_of(instant, "advance_to"), visit_deadlines=True)
+
+        return self._in_world("advance_to", advance_to)
+
+    def jump(
         self,
         delta: dt.timedelta | float | None = None,
         *,
@@ -565,7 +604,7 @@ class VirtualClock:
         minutes: float = 0,
         hours: float = 0,
         days: float = 0,
-    ) -> None:
+    ) -> Awaitable[None]:
         """Move time forward at once, as when the process was suspended; then catch up.
 
         Nothing runs at the instants in between: jobs that fell due meanwhile are handled by
@@ -575,12 +614,32 @@ class VirtualClock:
         step = _duration(
             delta, seconds=seconds, minutes=minutes, hours=hours, days=days, method="jump"
         )
-        await self._drive(self._within_range(self.now_us + step, "jump"), visit_deadlines=False)
 
-    async def run_until_idle(self) -> None:
+        async def jump() -> None:
+            __tracebackhide__ = True
+            target = self._within_range(self.now_us + step, "jump")
+            await self._drive(target, visit_deadlines=False)
+
+        return self._in_world("jump", jump)
+
+    def run_until_idle(self) -> Awaitable[None]:
         """Run everything runnable at the current instant, without moving time."""
         __tracebackhide__ = True
-        await self._drive(self.now_us, visit_deadlines=True)
+
+        async def run_until_idle() -> None:
+            __tracebackhide__ = True
+            await self._drive(self.now_us, visit_deadlines=True)
+
+        return self._in_world("run_until_idle", run_until_idle)
+
+    def _in_world(
+        self, method: str, make: Callable[[], Coroutine[Any, Any, None]]
+    ) -> Awaitable[None]:
+        """The coroutine of ``method`` to await, or, in a ``def`` test, the call made."""
+        __tracebackhide__ = True
+        return self.world.run(  # type: ignore[no-any-return]
+            f"fastsched_clock.{method}()", make, ClockError
+        )
 
     def _within_range(self, target_us: int, method: str) -> int:
         if target_us > _MAX_US:
@@ -1001,6 +1060,7 @@ def for_test(item: pytest.Item, settings: Settings, backend: str) -> Iterator[Vi
         start=marker_options(item).start or settings.start,
         backend=clock_backend(backend),
         watchdog=settings.watchdog,
+        world=world_of(item),
     )
     clock.start()
     restore = clock.attach_on_test_start(item)
@@ -1009,6 +1069,7 @@ def for_test(item: pytest.Item, settings: Settings, backend: str) -> Iterator[Vi
     finally:
         restore()
         clock.close()
+        close_world(item)
 
 
 def _duration(

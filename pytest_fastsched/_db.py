@@ -9,9 +9,11 @@ named prepared statements (:mod:`._prepared`).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
-from collections.abc import AsyncIterator, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, Concatenate, ParamSpec, TypeVar
 
 import pytest
 from sqlalchemy import Integer, MetaData, Table, insert, inspect, select, text
@@ -23,9 +25,13 @@ from pytest_fastsched import _isolation, _options, _prepared, _rebind, _schema, 
 from pytest_fastsched._isolation import DatabaseGuardError, RunningTest
 from pytest_fastsched._options import failure
 from pytest_fastsched._prepared import PreparedStatementLeak, PreparedStatementMonitor
+from pytest_fastsched._worlds import World, world_of
 
 if TYPE_CHECKING:
     from pytest_fastsched._clock import VirtualClock
+
+_P = ParamSpec("_P")
+_T = TypeVar("_T")
 
 # -- the databases of this process -----------------------------------------------------------
 
@@ -108,6 +114,7 @@ class Databases:
         isolation: _options.IsolationMode,
         prepared_statements: _options.PreparedStatementMode = "ignore",
         clock: VirtualClock | None = None,
+        world: World | None = None,
     ) -> AsyncIterator[Database]:
         """Bind the app's sessionmaker to the test database for the duration of one test.
 
@@ -123,7 +130,9 @@ class Databases:
             async with self.isolation.isolate(
                 engine, isolation, self.testdb.empty_tables
             ) as bound:
-                database = Database(self, bound.engine, bound.state, bound.connection, clock)
+                database = Database(
+                    self, bound.engine, bound.state, bound.connection, clock, world
+                )
                 async with database._recording(prepared_statements):
                     yield database
 
@@ -138,7 +147,9 @@ class Databases:
         marker = _options.marker_options(item)
         isolation = marker.isolation or self.settings.isolation
         prepared = marker.prepared_statements or self.settings.prepared_statements
-        async with self.open_test(isolation, prepared, clock) as database:
+        world = world_of(item)
+        world.adopt(asyncio.get_running_loop())  # a def test's calls run on this loop
+        async with self.open_test(isolation, prepared, clock, world) as database:
             yield database
         database.check_prepared_statements()
 
@@ -151,6 +162,22 @@ class Databases:
 # -- the fixture's object ------------------------------------------------------------------
 
 
+def _both_worlds(
+    method: Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]],
+) -> Callable[Concatenate[Database, _P], Awaitable[_T]]:
+    """Make a helper of :class:`Database` callable from a ``def`` test (see :mod:`._worlds`):
+    awaited in an ``async def`` test, it returns its result directly in a ``def`` test."""
+
+    @functools.wraps(method)
+    def call(self: Database, /, *args: _P.args, **kwargs: _P.kwargs) -> Awaitable[_T]:
+        __tracebackhide__ = True
+        return self._world.run(  # type: ignore[no-any-return]
+            f"fastsched_db.{method.__name__}()", lambda: method(self, *args, **kwargs)
+        )
+
+    return call
+
+
 class Database:
     """The test database of one test (the ``fastsched_db`` fixture).
 
@@ -158,7 +185,8 @@ class Database:
     ``isolation`` how the test is isolated. The helpers are coroutines that run on the test
     connection (rollback isolation) or on connections of their own that commit (commit
     isolation). Tables are given by name (looked up in ``fastsched_metadata``, else reflected
-    from the database) or as ``Table`` objects.
+    from the database) or as ``Table`` objects. An ``async def`` test awaits them; a ``def``
+    test calls them without await and gets their result.
     """
 
     def __init__(
@@ -168,8 +196,10 @@ class Database:
         state: RunningTest,
         connection: AsyncConnection | None,
         clock: VirtualClock | None = None,
+        world: World | None = None,
     ) -> None:
         self._databases = databases
+        self._world = world or World(sync_test=False)
         self._state = state
         self._connection = connection
         self._tables: dict[str, Table] = {}
@@ -233,6 +263,7 @@ class Database:
             )
         return self._default_maker
 
+    @_both_worlds
     async def insert(
         self, table: str | Table, rows: Mapping[str, Any] | Sequence[Mapping[str, Any]]
     ) -> None:
@@ -250,6 +281,7 @@ class Database:
             if self.dialect == "postgresql":
                 await _advance_sequences(connection, found, values)
 
+    @_both_worlds
     async def fetch(self, table: str | Table, /, **equal: Any) -> list[dict[str, Any]]:
         """The rows whose columns equal the keyword arguments, as dicts, by primary key."""
         found = await self.table(table)
@@ -261,6 +293,7 @@ class Database:
             result = await connection.execute(query)
             return [dict(row) for row in result.mappings()]
 
+    @_both_worlds
     async def value_of(self, table: str | Table, key: Any, column: str) -> Any:
         """The value of ``column`` in the row whose primary key is ``key`` (a tuple if wide).
 
@@ -278,11 +311,13 @@ class Database:
             raise AssertionError(f"{found.name} has no row with {shown}")
         return rows[0][0]
 
+    @_both_worlds
     async def status_of(self, table: str | Table, key: Any, column: str = "status") -> Any:
         """The ``status`` column (or another ``column``) of the row with primary key ``key``."""
         __tracebackhide__ = True
         return await self.value_of(table, key, column)
 
+    @_both_worlds
     async def table(self, table: str | Table) -> Table:
         """The ``Table`` named ``table``: from ``fastsched_metadata`` (with the columns the
         database has and the model lacks, added by a migration or the schema hook), else
@@ -333,6 +368,7 @@ class Database:
             finally:
                 await monitor.read_all()
 
+    @_both_worlds
     async def prepared_statement_leaks(self) -> list[PreparedStatementLeak]:
         """The app's named prepared statements that would break behind a transaction pooler.
 
@@ -347,6 +383,7 @@ class Database:
         await monitor.read_all()
         return monitor.leaks
 
+    @_both_worlds
     async def assert_no_prepared_statement_leaks(self) -> None:
         """Fail with the list of leaks when :meth:`prepared_statement_leaks` finds any."""
         __tracebackhide__ = True

@@ -364,6 +364,7 @@ class Isolation:
             loop=state.loop,
             refuse=lambda: state.violation(SYNC_ON_LOOP),
             engine=self.sync_engine,
+            thread=threading.current_thread(),
         )
         self._remove_scoped()
         with _rebind.rebound(self.sessionmakers, self.engines, engine, connection, sync):

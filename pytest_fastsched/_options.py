@@ -469,16 +469,29 @@ def check_scheduler_setting(settings: Settings) -> None:
 
 
 def check_scheduler(scheduler: object, source: str) -> None:
-    """Raise ``pytest.UsageError`` unless ``scheduler`` is an APScheduler ``AsyncIOScheduler``."""
+    """Raise ``pytest.UsageError`` unless ``scheduler`` is an APScheduler ``AsyncIOScheduler``
+    or ``BackgroundScheduler``."""
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.schedulers.background import BackgroundScheduler
+    from apscheduler.schedulers.blocking import BlockingScheduler
 
-    if not isinstance(scheduler, AsyncIOScheduler):
-        kind = type(scheduler)
-        raise pytest.UsageError(
-            f"{source} needs an apscheduler AsyncIOScheduler, got {kind.__module__}."
-            f"{kind.__qualname__}: jobs of a BackgroundScheduler or BlockingScheduler run on "
-            f"their own threads and real time. Create the app's scheduler as AsyncIOScheduler()."
+    if isinstance(scheduler, (AsyncIOScheduler, BackgroundScheduler)):
+        return
+    kind = type(scheduler)
+    if isinstance(scheduler, BlockingScheduler):
+        why = (
+            "a BlockingScheduler runs in the thread that starts it and never returns. A FastAPI "
+            "app runs BackgroundScheduler() (sync jobs on a thread pool) or AsyncIOScheduler()."
         )
+    else:
+        why = (
+            "the plugin drives an AsyncIOScheduler or a BackgroundScheduler. Create the app's "
+            "scheduler as AsyncIOScheduler() (async jobs) or BackgroundScheduler() (sync jobs)."
+        )
+    raise pytest.UsageError(
+        f"{source} needs an apscheduler AsyncIOScheduler or BackgroundScheduler, got "
+        f"{kind.__module__}.{kind.__qualname__}: {why}"
+    )
 
 
 def describe(value: object) -> str:

@@ -142,13 +142,15 @@ class SyncSide:
 
     Under rollback isolation, ``loop`` is the test's event loop, on which every call of a
     sync connection into the test connection is made, and ``refuse`` the error raised when
-    one is made on that loop's own thread. Under commit isolation, ``engine`` is the sync
-    engine of the test database.
+    one is made on that loop's own thread while it runs; ``thread``, the test's thread, runs
+    the loop itself for a call made while the loop is idle (the body of a ``def`` test).
+    Under commit isolation, ``engine`` is the sync engine of the test database.
     """
 
     loop: asyncio.AbstractEventLoop | None = None
     refuse: Callable[[], BaseException] | None = None
     engine: Callable[[], Engine] | None = None
+    thread: threading.Thread | None = None
 
 
 @contextlib.contextmanager
@@ -339,6 +341,9 @@ class _SyncJoined(_JoinedConnection):
         spawn = asyncio_engine.greenlet_spawn  # type: ignore[attr-defined]
         token = sync_thread.set(threading.current_thread())
         try:
+            own = running is None and self._bridge.thread is threading.current_thread()
+            if own and not loop.is_running():  # a def test's own session, between its calls
+                return loop.run_until_complete(spawn(method, *args, **kwargs))
             call = asyncio.run_coroutine_threadsafe(spawn(method, *args, **kwargs), loop)
         finally:
             sync_thread.reset(token)

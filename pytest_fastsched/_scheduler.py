@@ -29,12 +29,12 @@ import traceback
 import types
 import warnings
 from asyncio import _get_running_loop
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
 import pytest
 
-from pytest_fastsched import _asserts, _leftovers
+from pytest_fastsched import _asserts, _background, _leftovers
 from pytest_fastsched._clock import ClockError, VirtualClock
 from pytest_fastsched._options import Settings, check_scheduler, marker_options, resolve
 from pytest_fastsched._records import JobRun, JobRunError, RunRef, current_run, format_time
@@ -249,6 +249,8 @@ class SchedulerHarness:
         self._internal_start = False
         self._labelled: list[Any] = []
         self._pools: list[tuple[Any, Any]] = []
+        self._background: Callable[[], None] | None = None
+        """Puts the app's ``BackgroundScheduler`` back off the loop (see :mod:`._background`)."""
         clock.add_check(self._raise_job_errors)
         clock.add_busy_source(lambda: self._thread_jobs)
         clock.add_describer(self._describe_running)
@@ -269,6 +271,12 @@ class SchedulerHarness:
         if self.scheduler is not None:
             raise ClockError("fastsched_scheduler is already attached to a scheduler")
         check_scheduler(scheduler, "fastsched_scheduler")
+        if _background.is_background(scheduler):
+            self._background, was_running = _background.on_the_loop(
+                scheduler, self._background_start
+            )
+            if was_running:
+                warnings.warn(FastschedWarning(_ran_in_real_time(scheduler)), stacklevel=2)
         self.scheduler = scheduler
         scheduler._fastsched_harness = self
         self._stores = _JobStores(scheduler)
@@ -408,6 +416,8 @@ class SchedulerHarness:
             return start(scheduler, paused)
         if self.scheduler is None:
             self.attach(scheduler)
+            if self._background is not None:
+                start = _background.loop_start
         elif scheduler is not self.scheduler:
             warnings.warn(
                 FastschedWarning(_second_scheduler(scheduler, self.scheduler)), stacklevel=3
@@ -422,12 +432,21 @@ class SchedulerHarness:
         if not _loop_running() and (
             scheduler._eventloop is None or scheduler._eventloop.is_closed()
         ):
-            self._start_pending(app_paused=paused)  # a sync fixture: no loop yet
-            return None
+            loop = self.clock.loop
+            if loop is None or loop.is_closed():
+                self._start_pending(app_paused=paused)  # a sync fixture: no loop yet
+                return None
+            scheduler._eventloop = loop  # a def test: the loop runs in its clock calls
+            self._label_runs()
         if self.clock.driving or paused:
             return start(scheduler, paused)
         self._held = True
         return start(scheduler, True)
+
+    def _background_start(self, scheduler: Any, paused: bool) -> Any:
+        """``start()`` of the app's ``BackgroundScheduler`` while it runs on the loop."""
+        __tracebackhide__ = True
+        return self.app_start(scheduler, paused, _background.loop_start)
 
     def _release(self) -> None:
         from apscheduler.schedulers.base import STATE_PAUSED
@@ -803,12 +822,19 @@ class SchedulerHarness:
             fire_time = job.trigger.get_next_fire_time(fire_time, fire_time)
         return times
 
-    async def run_job(self, job_id: str) -> JobRun:
+    def run_job(self, job_id: str) -> Awaitable[JobRun]:
         """Fire ``job_id`` now, outside its schedule (as a manual trigger would), and wait.
 
         The job runs through its own executor, so ``max_instances`` applies; its schedule is
-        left as it was. Returns the run.
+        left as it was. Returns the run (awaited in an ``async def`` test; a ``def`` test
+        calls it without await and gets the run).
         """
+        __tracebackhide__ = True
+        return self.clock.world.run(  # type: ignore[no-any-return]
+            f"fastsched_scheduler.run_job({job_id!r})", lambda: self._run_job(job_id), ClockError
+        )
+
+    async def _run_job(self, job_id: str) -> JobRun:
         __tracebackhide__ = True
         from apscheduler.executors.base import MaxInstancesReachedError
 
@@ -951,6 +977,9 @@ class SchedulerHarness:
         self._pools.clear()
         if self._stores is not None:
             self._stores.restore()
+        if self._background is not None:
+            self._background()
+            self._background = None
 
 
 @contextlib.contextmanager
@@ -1019,12 +1048,13 @@ class _PendingLoop:
 
 
 _WATCHERS: list[SchedulerHarness] = []
-_UNWATCHED_START: list[Callable[..., Any]] = []
+_UNWATCHED_STARTS: list[tuple[Any, Callable[..., Any]]] = []
 
 
 @contextlib.contextmanager
 def watch_starts(harness: SchedulerHarness) -> Iterator[None]:
-    """While the block runs, ``AsyncIOScheduler.start()`` goes through ``harness``.
+    """While the block runs, ``start()`` of an ``AsyncIOScheduler`` or a
+    ``BackgroundScheduler`` goes through ``harness``.
 
     Watched at class level, so that a scheduler the app builds and starts itself (in its
     lifespan, with no module-level handle) is taken under the harness: see
@@ -1032,30 +1062,33 @@ def watch_starts(harness: SchedulerHarness) -> Iterator[None]:
     as APScheduler starts it.
     """
     from apscheduler.schedulers.asyncio import AsyncIOScheduler
+    from apscheduler.schedulers.background import BackgroundScheduler
 
     if not _WATCHERS:
-        original = AsyncIOScheduler.start
-        _UNWATCHED_START.append(original)
-
-        @functools.wraps(original)
-        def start(scheduler: Any, paused: bool = False) -> Any:
-            __tracebackhide__ = True
-            watcher = _WATCHERS[-1] if _WATCHERS else None
-            if (
-                watcher is not None
-                and getattr(scheduler, "_fastsched_harness", watcher) is watcher
-            ):
-                return watcher.app_start(scheduler, paused, original)
-            return original(scheduler, paused)
-
-        AsyncIOScheduler.start = start
+        for cls in (AsyncIOScheduler, BackgroundScheduler):
+            _UNWATCHED_STARTS.append((cls, cls.start))
+            cls.start = _watched(cls.start)
     _WATCHERS.append(harness)
     try:
         yield
     finally:
         _WATCHERS.remove(harness)
         if not _WATCHERS:
-            AsyncIOScheduler.start = _UNWATCHED_START.pop()
+            while _UNWATCHED_STARTS:
+                cls, original = _UNWATCHED_STARTS.pop()
+                cls.start = original
+
+
+def _watched(original: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(original)
+    def start(scheduler: Any, paused: bool = False) -> Any:
+        __tracebackhide__ = True
+        watcher = _WATCHERS[-1] if _WATCHERS else None
+        if watcher is not None and getattr(scheduler, "_fastsched_harness", watcher) is watcher:
+            return watcher.app_start(scheduler, paused, original)
+        return original(scheduler, paused)
+
+    return start
 
 
 def explain_start_without_loop(fixture: str, error: BaseException) -> None:
@@ -1102,11 +1135,20 @@ def _loop_running() -> bool:
 
 def _second_scheduler(started: Any, attached: Any) -> str:
     return (
-        f"a second AsyncIOScheduler ({started!r}) was started during the test; "
+        f"a second {type(started).__name__} ({started!r}) was started during the test; "
         f"fastsched_scheduler drives only the first ({attached!r}): the second one's runs "
         f"are not recorded and its job errors are only logged. Drive the one the test is "
         f"about: set fastsched_scheduler = 'module:attr' to it, or call "
         f"fastsched_scheduler.attach(scheduler) before the app starts the other."
+    )
+
+
+def _ran_in_real_time(scheduler: Any) -> str:
+    return (
+        f"the app's {type(scheduler).__name__} ({scheduler!r}) was running in real time "
+        f"before the test (started at import?): its thread is stopped and the test runs it in "
+        f"virtual time, but what it ran before ran on the app's own database. Start it in "
+        f"the app's lifespan (or a fixture), not at import."
     )
 
 

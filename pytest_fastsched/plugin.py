@@ -12,7 +12,7 @@ from typing import TYPE_CHECKING, Any, cast
 import pytest
 import pytest_asyncio
 
-from pytest_fastsched import _options, _reports
+from pytest_fastsched import _hookspecs, _options, _reports, _worlds
 
 if TYPE_CHECKING:
     import httpx
@@ -40,8 +40,6 @@ def pytest_addoption(parser: pytest.Parser) -> None:
 
 
 def pytest_addhooks(pluginmanager: pytest.PytestPluginManager) -> None:
-    from pytest_fastsched import _hookspecs
-
     pluginmanager.add_hookspecs(_hookspecs)
 
 
@@ -119,7 +117,7 @@ def _errors_beside_the_test(item: pytest.Item) -> list[BaseException]:
     seal, database = item.stash.get(SEAL_KEY, None), item.stash.get(DATABASE_OF_TEST_KEY, None)
     clock = (getattr(item, "funcargs", None) or {}).get("fastsched_clock")
     errors = [*(seal.errors if seal else ()), *(database.guard_errors if database else ())]
-    return errors + (clock.leftovers if clock else [])
+    return errors + (clock.leftovers if clock else []) + _worlds.never_awaited(item)
 
 
 def pytest_terminal_summary(

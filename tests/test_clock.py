@@ -604,18 +604,16 @@ async def test_unknown_job_id_lists_the_known_ones(
         fastsched_scheduler.assert_ran("unknown")
 
 
-async def test_not_an_asyncio_scheduler_is_refused(
+async def test_a_scheduler_the_plugin_cannot_drive_is_refused(
     fastsched_scheduler: SchedulerHarness,
 ) -> None:
-    from apscheduler.schedulers.background import BackgroundScheduler
-
     with pytest.raises(pytest.UsageError) as excinfo:
-        fastsched_scheduler.attach(BackgroundScheduler())
+        fastsched_scheduler.attach(object())
     assert excinfo.value.args == (
-        "fastsched_scheduler needs an apscheduler AsyncIOScheduler, got "
-        "apscheduler.schedulers.background.BackgroundScheduler: jobs of a BackgroundScheduler "
-        "or BlockingScheduler run on their own threads and real time. Create the app's "
-        "scheduler as AsyncIOScheduler().",
+        "fastsched_scheduler needs an apscheduler AsyncIOScheduler or BackgroundScheduler, got "
+        "builtins.object: the plugin drives an AsyncIOScheduler "
+        "or a BackgroundScheduler. Create the app's scheduler as AsyncIOScheduler() (async "
+        "jobs) or BackgroundScheduler() (sync jobs).",
     )
 
 

@@ -301,14 +301,15 @@ def test_command_line_beats_ini(pytester: pytest.Pytester) -> None:
             "'app_scheduler' has no attribute 'sched'. Check the name after the ':'.",
         ),
         (
-            "app_scheduler:background",
-            "ERROR: fastsched_scheduler = 'app_scheduler:background' needs an apscheduler "
-            "AsyncIOScheduler, got apscheduler.schedulers.background.BackgroundScheduler: jobs "
-            "of a BackgroundScheduler or BlockingScheduler run on their own threads and real "
-            "time. Create the app's scheduler as AsyncIOScheduler().",
+            "app_scheduler:blocking",
+            "ERROR: fastsched_scheduler = 'app_scheduler:blocking' needs an apscheduler "
+            "AsyncIOScheduler or BackgroundScheduler, got "
+            "apscheduler.schedulers.blocking.BlockingScheduler: a BlockingScheduler runs in the "
+            "thread that starts it and never returns. A FastAPI app runs BackgroundScheduler() "
+            "(sync jobs on a thread pool) or AsyncIOScheduler().",
         ),
     ],
-    ids=["module", "attribute", "background"],
+    ids=["module", "attribute", "blocking"],
 )
 @pytest.mark.parametrize("xdist", [(), ("-p", "xdist", "-n", "2")], ids=["one-process", "xdist"])
 def test_a_bad_scheduler_is_one_usage_error(
@@ -317,8 +318,8 @@ def test_a_bad_scheduler_is_one_usage_error(
     _ini(pytester, f"fastsched_scheduler = {path}")
     pytester.makepyfile(
         app_scheduler=SCHEDULER_MODULE
-        + "\nfrom apscheduler.schedulers.background import BackgroundScheduler\n"
-        "background = BackgroundScheduler()\n"
+        + "\nfrom apscheduler.schedulers.blocking import BlockingScheduler\n"
+        "blocking = BlockingScheduler()\n"
     )
     second = FIRES.replace("def test_fires", "def test_fires_again")
     pytester.makepyfile(test_user=FIRES.replace("import app_scheduler", "") + second)
