@@ -15,6 +15,7 @@ __all__ = [
     "HistoryRecord",
     "JobRun",
     "JobRunError",
+    "NotAwaitedError",
     "PreparedStatementLeak",
     "SchedulerHarness",
     "VirtualClock",
@@ -40,6 +41,7 @@ if TYPE_CHECKING:
     from pytest_fastsched._prepared import PreparedStatementLeak
     from pytest_fastsched._records import HistoryRecord, JobRun, JobRunError
     from pytest_fastsched._scheduler import SchedulerHarness
+    from pytest_fastsched._worlds import NotAwaitedError
 
 # Where each public name lives. Imported on first use, so that importing the plugin does not
 # import APScheduler or SQLAlchemy.
@@ -50,6 +52,7 @@ _HOMES = {
     "HistoryRecord": "_records",
     "JobRun": "_records",
     "JobRunError": "_records",
+    "NotAwaitedError": "_worlds",
     "PreparedStatementLeak": "_prepared",
     "SchedulerHarness": "_scheduler",
     "VirtualClock": "_clock",

@@ -103,7 +103,7 @@ class World:
         """
         names = [name for name, call in self._calls if _never_started(call)]
         if names:
-            for name, call in self._calls:
+            for _, call in self._calls:
                 if _never_started(call):
                     call.close()
             self._calls.clear()

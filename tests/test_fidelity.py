@@ -19,6 +19,7 @@ from zoneinfo import ZoneInfo
 
 import pytest
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
+from apscheduler.schedulers.background import BackgroundScheduler
 from apscheduler.triggers.combining import OrTrigger
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.date import DateTrigger
@@ -36,8 +37,28 @@ def fastsched_clock_backend(request: pytest.FixtureRequest) -> str:
     return str(request.param)
 
 
-async def nothing() -> None:
-    pass
+KINDS = ["asyncio", "background"]
+"""The schedulers the harness drives: AsyncIOScheduler with async def jobs on the loop,
+BackgroundScheduler with def jobs on its thread pool."""
+
+
+def make_scheduler(kind: str, timezone: str) -> Any:
+    return (
+        AsyncIOScheduler(timezone=timezone)
+        if kind == "asyncio"
+        else BackgroundScheduler(timezone=timezone)
+    )
+
+
+def job_of(kind: str, body: Any) -> Any:
+    """``body`` (a function) as the job of a ``kind`` scheduler: async def on asyncio."""
+    if kind == "background":
+        return body
+
+    async def job() -> None:
+        body()
+
+    return job
 
 
 def woken_late(trigger: Any, start: dt.datetime, end: dt.datetime) -> list[dt.datetime]:
@@ -54,6 +75,7 @@ def woken_late(trigger: Any, start: dt.datetime, end: dt.datetime) -> list[dt.da
 # -- the cases that once diverged ----------------------------------------------------------------
 
 
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize(
     ("zone", "start"),
     [
@@ -63,13 +85,17 @@ def woken_late(trigger: Any, start: dt.datetime, end: dt.datetime) -> list[dt.da
     ],
 )
 async def test_a_5_minute_job_fires_288_times_across_the_fall_back_day(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, zone: str, start: str
+    fastsched_clock: VirtualClock,
+    fastsched_scheduler: SchedulerHarness,
+    zone: str,
+    start: str,
+    kind: str,
 ) -> None:
     origin = dt.datetime.fromisoformat(start)
     await fastsched_clock.advance_to(origin)
-    scheduler = AsyncIOScheduler(timezone=zone)
+    scheduler = make_scheduler(kind, zone)
     fastsched_scheduler.attach(scheduler)
-    scheduler.add_job(nothing, "interval", minutes=5, id="tick")
+    scheduler.add_job(job_of(kind, lambda: None), "interval", minutes=5, id="tick")
     await fastsched_clock.advance(days=1)
     assert fastsched_scheduler.run_times("tick") == [
         origin + dt.timedelta(minutes=5 * n) for n in range(1, 289)
@@ -78,13 +104,14 @@ async def test_a_5_minute_job_fires_288_times_across_the_fall_back_day(
 
 
 @pytest.mark.fastsched(start="2030-11-02T12:00:00+00:00")
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_new_york_cron_job_fires_on_the_fall_back_day_when_apscheduler_says(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, kind: str
 ) -> None:
-    scheduler = AsyncIOScheduler(timezone="America/New_York")
+    scheduler = make_scheduler(kind, "America/New_York")
     fastsched_scheduler.attach(scheduler)
     trigger = CronTrigger(hour="1,2", minute="0,30", timezone="America/New_York")
-    scheduler.add_job(nothing, trigger, id="night")
+    scheduler.add_job(job_of(kind, lambda: None), trigger, id="night")
     await fastsched_clock.advance(days=1)
     expected = woken_late(trigger, fastsched_clock.start_instant, fastsched_clock.now())
     assert fastsched_scheduler.run_times("night") == expected
@@ -92,13 +119,19 @@ async def test_a_new_york_cron_job_fires_on_the_fall_back_day_when_apscheduler_s
 
 
 @pytest.mark.fastsched(start="2030-10-26T23:00:00+00:00")
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_jump_over_the_repeated_hour_misses_what_apscheduler_misses(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, kind: str
 ) -> None:
-    scheduler = AsyncIOScheduler(timezone="Europe/Berlin")
+    scheduler = make_scheduler(kind, "Europe/Berlin")
     fastsched_scheduler.attach(scheduler)
     scheduler.add_job(
-        nothing, "interval", minutes=10, id="tick", coalesce=False, misfire_grace_time=1800
+        job_of(kind, lambda: None),
+        "interval",
+        minutes=10,
+        id="tick",
+        coalesce=False,
+        misfire_grace_time=1800,
     )
     await fastsched_clock.advance(hours=2)  # to 01:00Z = 02:00 CET, the second 02:00
     await fastsched_clock.jump(minutes=45)
@@ -112,18 +145,19 @@ async def test_a_jump_over_the_repeated_hour_misses_what_apscheduler_misses(
 
 
 @pytest.mark.fastsched(start="2031-03-08T12:00:00+00:00")
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_spring_forward_cron_job_fires_once_for_the_missing_hour(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, kind: str
 ) -> None:
-    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler = make_scheduler(kind, "UTC")
     fastsched_scheduler.attach(scheduler)
     seen: list[dt.datetime] = []
 
-    async def job() -> None:
+    def job() -> None:
         seen.append(dt.datetime.now(UTC))
 
     trigger = CronTrigger(hour="2,3", minute=0, timezone="America/New_York")
-    scheduler.add_job(job, trigger, id="night", coalesce=False)
+    scheduler.add_job(job_of(kind, job), trigger, id="night", coalesce=False)
     await fastsched_clock.advance(days=2)
     fired = [
         dt.datetime(2031, 3, 9, 7, tzinfo=UTC),  # 02:00 EST does not exist: 03:00 EDT
@@ -136,24 +170,25 @@ async def test_a_spring_forward_cron_job_fires_once_for_the_missing_hour(
 
 
 @pytest.mark.fastsched(start="2040-03-01T00:00:00.123457+00:00")
+@pytest.mark.parametrize("kind", KINDS)
 @pytest.mark.parametrize("trigger", ["interval", "cron"])
 async def test_a_job_reads_its_scheduled_instant_to_the_microsecond(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, trigger: str
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, trigger: str, kind: str
 ) -> None:
     # After 2038 a float timestamp holds an instant only to half a microsecond: a timer
     # computed from float delays would round some fires to the microsecond after.
-    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler = make_scheduler(kind, "UTC")
     fastsched_scheduler.attach(scheduler)
     seen: list[dt.datetime] = []
 
-    async def job() -> None:
+    def job() -> None:
         seen.append(dt.datetime.now(UTC))
 
     if trigger == "interval":
-        scheduler.add_job(job, "interval", seconds=7.654321, id="tick")
+        scheduler.add_job(job_of(kind, job), "interval", seconds=7.654321, id="tick")
     else:
         random.seed(7)
-        scheduler.add_job(job, "cron", second="*/7", jitter=3, id="tick")
+        scheduler.add_job(job_of(kind, job), "cron", second="*/7", jitter=3, id="tick")
     await fastsched_clock.advance(minutes=30)
     run_times = fastsched_scheduler.run_times("tick")
     assert len(seen) > 200
@@ -165,17 +200,18 @@ async def test_a_job_reads_its_scheduled_instant_to_the_microsecond(
 
 
 @pytest.mark.fastsched(start="2030-01-01T00:00:00+00:00")
+@pytest.mark.parametrize("kind", KINDS)
 async def test_a_job_due_at_the_start_runs_before_a_jump(
-    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, kind: str
 ) -> None:
-    scheduler = AsyncIOScheduler(timezone="UTC")
+    scheduler = make_scheduler(kind, "UTC")
     fastsched_scheduler.attach(scheduler)
     seen: list[dt.datetime] = []
 
-    async def job() -> None:
+    def job() -> None:
         seen.append(dt.datetime.now(UTC))
 
-    scheduler.add_job(job, "date", run_date=fastsched_clock.now(), id="once")
+    scheduler.add_job(job_of(kind, job), "date", run_date=fastsched_clock.now(), id="once")
     await fastsched_clock.jump(hours=1)
     assert seen == [fastsched_clock.start_instant]
     assert fastsched_scheduler.missed("once") == []
@@ -197,6 +233,8 @@ ZONES = [
 ]
 CASES_PER_BACKEND = 300
 CHUNKS = 10
+BACKGROUND_CHUNKS = 3
+"""A BackgroundScheduler's runs take a thread each: 90 cases per backend for it."""
 MAX_FIRES = 600
 # How long after each fire instant the modelled production scheduler wakes up.
 WAKE_DELAY = dt.timedelta(milliseconds=1)
@@ -387,23 +425,23 @@ def oracle(case: dict[str, Any]) -> list[tuple[dt.datetime, str]]:
 
 
 async def harness_log(
-    case: dict[str, Any], backend: str
+    case: dict[str, Any], backend: str, kind: str = "asyncio"
 ) -> tuple[list[tuple[dt.datetime, str]], list[dt.datetime]]:
     """The harness's run log of ``case``, and the instants its job read."""
     clock = VirtualClock(start=case["start"], backend=backend)
     clock.start()
     harness = SchedulerHarness(clock, job_errors="record")
-    scheduler = AsyncIOScheduler(timezone=case["zone"])
+    scheduler = make_scheduler(kind, case["zone"])
     harness.attach(scheduler)
     clock.attach()
     reads: list[dt.datetime] = []
 
-    async def job() -> None:
+    def job() -> None:
         reads.append(dt.datetime.now(UTC))
 
     random.seed(case["jitter_seed"])
     scheduler.add_job(
-        job,
+        job_of(kind, job),
         copy.deepcopy(case["trigger"]),
         id="job",
         coalesce=case["coalesce"],
@@ -446,9 +484,15 @@ def divergence(case: dict[str, Any], got: list[Any], expected: list[Any], reads:
     return ""
 
 
-@pytest.mark.parametrize("chunk", range(CHUNKS))
+@pytest.mark.parametrize(
+    ("kind", "chunk"),
+    [("asyncio", chunk) for chunk in range(CHUNKS)]
+    + [("background", chunk) for chunk in range(BACKGROUND_CHUNKS)],
+)
 @pytest.mark.parametrize("backend", BACKENDS)
-async def test_the_run_log_equals_apschedulers_arithmetic(backend: str, chunk: int) -> None:
+async def test_the_run_log_equals_apschedulers_arithmetic(
+    backend: str, kind: str, chunk: int
+) -> None:
     logging.getLogger("apscheduler").setLevel(logging.ERROR)
     size = CASES_PER_BACKEND // CHUNKS
     compared, skipped, problems = 0, [], []
@@ -466,7 +510,7 @@ async def test_the_run_log_equals_apschedulers_arithmetic(backend: str, chunk: i
             # hour): a production bug, not a divergence.
             skipped.append(f"{case['seed']}: {error}")
             continue
-        got, reads = await harness_log(case, backend)
+        got, reads = await harness_log(case, backend, kind)
         compared += 1
         problem = divergence(case, got, expected, reads)
         if problem:
