@@ -6,8 +6,10 @@ default executor (``AsyncIOExecutor``'s sync jobs, ``run_in_executor(None, ...)`
 returns (``while True: pass``, a loop that polls the wall clock, frozen under virtual time)
 hangs the session twice: the loop's close joins its default executor, and the interpreter's
 exit joins every pool thread. While a clock is attached, that work runs on
-:class:`JobThreads` instead: daemon threads, one per call, that know which job each one runs
-and can be stopped by raising :class:`JobStopped` in them.
+:class:`JobThreads` instead: daemon threads that know which job each one runs and can be
+stopped by raising :class:`JobStopped` in them. A thread that finished its call waits for the
+next one (starting a thread costs far more than handing it a call); one that was stopped
+ends.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import contextvars
 import ctypes
 import datetime as dt
 import functools
+import queue
 import threading
 import time
 import weakref
@@ -92,13 +95,19 @@ class Parking:
 _current = threading.local()
 
 
+_Call = tuple[
+    concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any], str, int
+]
+
+
 class JobThreads(concurrent.futures.Executor):
-    """Runs each call on a daemon thread of its own, at most ``max_workers`` at once.
+    """Runs each call on a daemon thread, at most ``max_workers`` at once.
 
     A thread that never returns then blocks neither the loop's close nor the interpreter's
     exit, and :meth:`stop` ends one that runs Python code. ``running`` maps each thread that
     runs a call to what it runs. ``on_change`` is called (in the thread) whenever ``pending``
-    drops: the clock waiting for the work wakes up.
+    drops: the clock waiting for the work wakes up. Idle threads wait for the next call and
+    end at :meth:`shutdown`; each call renames its thread ``<name>_<n>``, n counting calls.
     """
 
     def __init__(
@@ -119,6 +128,9 @@ class JobThreads(concurrent.futures.Executor):
         self.running: dict[threading.Thread, str] = {}
         self._stopped: set[threading.Thread] = set()
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
+        self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
+        self._idle = 0
+        """Threads waiting for a call on ``_calls``."""
 
     @property
     def is_shut_down(self) -> bool:
@@ -126,29 +138,41 @@ class JobThreads(concurrent.futures.Executor):
         return self._shutdown
 
     def submit(self, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        """Start ``fn(*args, **kwargs)`` on a new daemon thread; its future.
+        """Run ``fn(*args, **kwargs)`` on an idle daemon thread, or a new one; its future.
 
         The call runs in a copy of the caller's context, as ``asyncio.to_thread`` does: a job
         run's thread knows its run (``current_run``).
         """
+        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
+        label = fn.label if isinstance(fn, Labelled) else describe_call(fn, args)
+        call = functools.partial(contextvars.copy_context().run, fn)
         with self._lock:
             if self._shutdown:
                 raise RuntimeError("cannot schedule new futures after shutdown")
             self._count += 1
             self.pending += 1
-            number = self._count
-        future: concurrent.futures.Future[Any] = concurrent.futures.Future()
-        label = fn.label if isinstance(fn, Labelled) else describe_call(fn, args)
-        call = functools.partial(contextvars.copy_context().run, fn)
+            item: _Call = (future, call, args, kwargs, label, self._count)
+            if self._idle:
+                self._idle -= 1
+                self._calls.put(item)
+                return future
         thread = threading.Thread(
-            target=self._work,
-            args=(future, call, args, kwargs, label),
-            name=f"{self._name}_{number}",
-            daemon=True,
+            target=self._serve, args=(item,), name=f"{self._name}_{item[5]}", daemon=True
         )
         self._threads.add(thread)
         thread.start()
         return future
+
+    def _serve(self, item: _Call | None) -> None:
+        """A thread's life: run ``item``, then each call handed to it while idle."""
+        thread = threading.current_thread()
+        while item is not None:
+            self._work(*item)
+            with self._lock:
+                if self._shutdown or thread in self._stopped:
+                    return
+                self._idle += 1
+            item = self._calls.get()
 
     def _work(
         self,
@@ -157,8 +181,10 @@ class JobThreads(concurrent.futures.Executor):
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
         label: str,
+        number: int,
     ) -> None:
         thread = threading.current_thread()
+        thread.name = f"{self._name}_{number}"
         try:
             if self._slots is not None:
                 self._slots.acquire()
@@ -229,10 +255,14 @@ class JobThreads(concurrent.futures.Executor):
             return raise_in_thread(thread.ident, JobStopped)
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
-        """Take no more calls; with ``wait``, join the threads that were not stopped."""
+        """Take no more calls and end the idle threads; with ``wait``, join the threads that
+        were not stopped."""
         with self._lock:
             self._shutdown = True
             threads = [thread for thread in self._threads if thread not in self._stopped]
+            idle, self._idle = self._idle, 0
+        for _ in range(idle):
+            self._calls.put(None)
         if wait:
             for thread in threads:
                 if thread is not threading.current_thread():
