@@ -169,9 +169,10 @@ async def isolated(databases: _db.Databases, sync_engine: Engine, rounds: int) -
     await side("isolated")  # warm-up: the test database and engine
     figures = await abba.alternate_async(side, ("plain", "isolated"), rounds)
     ratio = abba.ratio(figures["isolated"], figures["plain"])
+    plain = abba.ms(figures["plain"], 0)
     print(
         f"| def job with SessionLocal on the test connection (rollback isolation), time-machine"
-        f" | {abba.ms(figures['isolated'], 0)} | {ratio} of plain ({abba.ms(figures['plain'], 0)}) |"
+        f" | {abba.ms(figures['isolated'], 0)} | {ratio} of plain ({plain}) |"
     )
 
 
