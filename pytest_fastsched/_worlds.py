@@ -149,6 +149,16 @@ def world_of(item: pytest.Item) -> World:
     return world
 
 
+def refuse_in_def_test(item: pytest.Item, fixture: str, use: str) -> None:
+    """Fail the set-up of ``fixture`` in a ``def`` test: it can only be ``use``d awaited."""
+    if world_of(item).sync_test:
+        raise pytest.fail.Exception(
+            f"{fixture} is {use}: a def test cannot await it. Make the test async def "
+            f"(the other fastsched fixtures work in both).",
+            pytrace=False,
+        )
+
+
 def never_awaited(item: pytest.Item) -> list[NotAwaitedError]:
     """The error for the calls ``item``'s test never awaited, if any (see :class:`World`)."""
     world = item.stash.get(_WORLD_KEY, None)

@@ -257,6 +257,7 @@ async def fastsched_client(
     """
     from pytest_fastsched import _client
 
+    _worlds.refuse_in_def_test(request.node, "fastsched_client", "an httpx.AsyncClient")
     path = settings_of(request).app
     name = repr(path) if path else repr(fastsched_app)
     async with _client.open_client(

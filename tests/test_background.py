@@ -262,6 +262,10 @@ async def test_the_api_and_the_lifespan(fastsched_client, fastsched_clock, fasts
     fastsched_scheduler.assert_ran("process", times=1, at=[START])
 
 
+def test_fails_the_async_client_in_a_def_test(fastsched_client):
+    pass
+
+
 async def test_fails_an_advance_never_awaited(fastsched_clock):
     fastsched_clock.advance(minutes=5)
 
@@ -300,13 +304,20 @@ def test_a_background_scheduler_app_under_def_tests(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=13, failed=1, errors=1)
+    result.assert_outcomes(passed=13, failed=1, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_an_advance_never_awaited _*",
             "E *NotAwaitedError: fastsched: fastsched_clock.advance() returned a coroutine that "
             "the test never awaited: it did nothing. In an async def test write `await "
             "fastsched_clock.advance(...)`.",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ ERROR at setup of test_fails_the_async_client_in_a_def_test _*",
+            "fastsched_client is an httpx.AsyncClient: a def test cannot await it. Make the "
+            "test async def (the other fastsched fixtures work in both).",
         ]
     )
     result.stdout.fnmatch_lines(
