@@ -53,7 +53,7 @@ from sqlalchemy.ext.asyncio import (
 from sqlalchemy.ext.asyncio import engine as asyncio_engine
 from sqlalchemy.orm import Session, scoped_session, sessionmaker
 
-from pytest_fastsched import _options
+from pytest_fastsched import _options, _threads
 from pytest_fastsched._options import describe, failure
 
 AnySessionmaker = async_sessionmaker[Any] | sessionmaker[Any]
@@ -315,6 +315,36 @@ def in_greenlet() -> bool:
     )
 
 
+_THREAD = threading.local()
+"""``open``: the sync connections of this thread with a transaction (a savepoint) open."""
+
+
+def _open_here() -> dict[int, _SyncJoined]:
+    found: dict[int, _SyncJoined] | None = getattr(_THREAD, "open", None)
+    if found is None:
+        found = _THREAD.open = {}
+    return found
+
+
+def end_open_transactions() -> None:
+    """Roll back what a job thread's call left open, as production's pool does.
+
+    A job that never closes its session (``db = SessionLocal()`` without ``close()``) leaves
+    its transaction open; in production the connection goes back to the pool, rolled back,
+    when the session is collected, and the next job gets another connection. Here every
+    sync session shares the test connection, so the savepoint it left open is rolled back
+    when the call ends (otherwise the next job would be reported as overlapping it).
+    """
+    connections = getattr(_THREAD, "open", None)
+    while connections:
+        _, connection = connections.popitem()
+        with contextlib.suppress(Exception):  # the test's loop or connection is gone
+            connection._rollback_impl()
+
+
+_threads.AFTER_CALL.append(end_open_transactions)
+
+
 class _SyncJoined(_JoinedConnection):
     """A sync connection on the test connection (rollback isolation): each call into the
     database is made on the test's event loop, in SQLAlchemy's greenlet there, and waited for
@@ -356,11 +386,14 @@ class _SyncJoined(_JoinedConnection):
 
     def _begin_impl(self, transaction: Any) -> None:
         self._on_loop(super()._begin_impl, transaction)
+        _open_here()[id(self)] = self
 
     def _commit_impl(self) -> None:
+        _open_here().pop(id(self), None)
         self._on_loop(super()._commit_impl)
 
     def _rollback_impl(self) -> None:
+        _open_here().pop(id(self), None)
         self._on_loop(super()._rollback_impl)
 
     def _savepoint_impl(self, name: str | None = None) -> str:

@@ -94,6 +94,10 @@ class Parking:
 
 _current = threading.local()
 
+AFTER_CALL: list[Callable[[], None]] = []
+"""Called in a job thread after each call returns, before its result is set: a room that
+keeps per-thread state of a call (``_rebind``'s sync transactions) ends it there."""
+
 
 _Call = tuple[
     concurrent.futures.Future[Any], Callable[..., Any], tuple[Any, ...], dict[str, Any], str, int
@@ -199,6 +203,8 @@ class JobThreads(concurrent.futures.Executor):
                 except BaseException as error:
                     outcome = (False, error)
                 finally:
+                    for after in AFTER_CALL:
+                        after()
                     _current.executor = None
                 with self._lock:
                     del self.running[thread]
