@@ -94,6 +94,9 @@ class Parking:
 
 _current = threading.local()
 
+_IDLE_END = 1.0
+"""Real seconds :meth:`JobThreads.shutdown` waits for an idle thread to end."""
+
 AFTER_CALL: list[Callable[[], None]] = []
 """Called in a job thread after each call returns, before its result is set: a room that
 keeps per-thread state of a call (``_rebind``'s sync transactions) ends it there."""
@@ -134,7 +137,8 @@ class JobThreads(concurrent.futures.Executor):
         self._threads: weakref.WeakSet[threading.Thread] = weakref.WeakSet()
         self._calls: queue.SimpleQueue[_Call | None] = queue.SimpleQueue()
         self._idle = 0
-        """Threads waiting for a call on ``_calls``."""
+        """Threads waiting for a call on ``_calls``, and not yet handed one."""
+        self._waiting: set[threading.Thread] = set()
 
     @property
     def is_shut_down(self) -> bool:
@@ -176,7 +180,10 @@ class JobThreads(concurrent.futures.Executor):
                 if self._shutdown or thread in self._stopped:
                     return
                 self._idle += 1
+                self._waiting.add(thread)
             item = self._calls.get()
+            with self._lock:
+                self._waiting.discard(thread)
 
     def _work(
         self,
@@ -267,8 +274,11 @@ class JobThreads(concurrent.futures.Executor):
             self._shutdown = True
             threads = [thread for thread in self._threads if thread not in self._stopped]
             idle, self._idle = self._idle, 0
+            waiting = list(self._waiting)
         for _ in range(idle):
             self._calls.put(None)
+        for thread in waiting:  # they end at once: none is left behind the test
+            thread.join(_IDLE_END)
         if wait:
             for thread in threads:
                 if thread is not threading.current_thread():
