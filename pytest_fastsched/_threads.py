@@ -14,6 +14,7 @@ ends.
 
 from __future__ import annotations
 
+import asyncio
 import concurrent.futures
 import contextvars
 import ctypes
@@ -269,7 +270,7 @@ class JobThreads(concurrent.futures.Executor):
 
     def shutdown(self, wait: bool = True, *, cancel_futures: bool = False) -> None:
         """Take no more calls and end the idle threads; with ``wait``, join the threads that
-        were not stopped."""
+        were not stopped, unless called on an event loop's thread."""
         with self._lock:
             self._shutdown = True
             threads = [thread for thread in self._threads if thread not in self._stopped]
@@ -279,6 +280,12 @@ class JobThreads(concurrent.futures.Executor):
             self._calls.put(None)
         for thread in waiting:  # they end at once: none is left behind the test
             thread.join(_IDLE_END)
+        if wait and asyncio.events._get_running_loop() is not None:
+            # On an event loop's thread (an app's shutdown(wait=True) in its lifespan), whose
+            # blocking would keep the job threads from ever finishing: their sleeps and
+            # database calls wait for that loop. They finish as the clock moves on, or are
+            # stopped when the test ends.
+            return
         if wait:
             for thread in threads:
                 if thread is not threading.current_thread():

@@ -286,6 +286,19 @@ def test_fails_the_async_client_in_a_def_test(fastsched_client):
     pass
 
 
+async def test_a_shutdown_on_the_loop_leaves_a_sleeping_job_to_finish(
+    fastsched_clock, fastsched_scheduler
+):
+    def slow():
+        time.sleep(60)
+
+    app.scheduler.add_job(slow, "date", run_date=START + dt.timedelta(minutes=1), id="slow")
+    await fastsched_clock.advance(minutes=1, seconds=1)
+    app.scheduler.shutdown()  # wait=True, on the loop's thread, as a lifespan calls it
+    await fastsched_clock.advance(minutes=1)
+    assert [run.outcome for run in fastsched_scheduler.runs_of("slow")] == ["success"]
+
+
 async def test_fails_an_advance_never_awaited(fastsched_clock):
     fastsched_clock.advance(minutes=5)
 
@@ -323,8 +336,8 @@ def test_a_background_scheduler_app_under_def_tests(
         fastsched_clock_backend = {backend}
         """
     )
-    result = pytester.runpytest_subprocess("-p", "no:randomly")
-    result.assert_outcomes(passed=14, failed=1, errors=2)
+    result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
+    result.assert_outcomes(passed=15, failed=1, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_an_advance_never_awaited _*",
