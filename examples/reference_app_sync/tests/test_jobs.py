@@ -155,7 +155,7 @@ def test_one_off_job_fires_once_at_its_time(fastsched_clock, fastsched_db, jobs,
     assert jobs.scheduler.get_job(job.id) is None
 
 
-def test_a_one_off_run_at_in_the_past_is_refused(fastsched_clock, jobs):
+def test_a_one_off_run_at_in_the_past_is_refused(fastsched_clock):
     fastsched_clock.advance(minutes=1)
     with pytest.raises(ValueError, match=r"is not in the future \(now is 2030-01-01T00:01:00"):
         schedule_one_off(1, START)
