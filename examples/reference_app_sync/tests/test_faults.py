@@ -6,6 +6,7 @@ import re
 
 import pytest
 from reference_app_sync.scheduler import PROCESS_PENDING_JOB_ID
+from sqlalchemy.exc import DBAPIError
 
 from pytest_fastsched import assert_processed_once
 
@@ -13,6 +14,8 @@ from pytest_fastsched import assert_processed_once
 # of its outcome, completed or error.
 STORE_COMPLETED = r"^UPDATE items SET .*processed_at"
 STORE_OUTCOME = r"^UPDATE items SET status=\S+, (data|last_error)="
+# The read of the batch of pending ids, the first statement of a processing run.
+FETCH_PENDING = r"^SELECT items\.id\s+FROM items\s+WHERE items\.status"
 
 DRIVER_ERRORS = {
     ("sqlite", "operational"): "OperationalError: (sqlite3.OperationalError) database is locked",
@@ -73,3 +76,19 @@ def test_the_next_test_has_no_fault(fastsched_clock, fastsched_db, jobs, add_ite
     ids = add_items({"n": 1}, {"n": 2})
     fastsched_clock.advance(minutes=5)
     assert statuses(fastsched_db, ids) == ["completed", "completed"]
+
+
+# A failure before any item is claimed is the run's own: APScheduler logs it and goes on,
+# the plugin fails the test unless the test expects it. The items wait for the next run.
+def test_a_failed_batch_read_fails_the_run_and_the_next_run_catches_up(
+    fastsched_clock, fastsched_db, fastsched_faults, jobs, add_items
+):
+    ids = add_items({"n": 1}, {"n": 2})
+    fault = fastsched_faults.fail(FETCH_PENDING)
+    with jobs.expect_job_error(DBAPIError, job_id=PROCESS_PENDING_JOB_ID):
+        fastsched_clock.advance(minutes=5)
+    assert statuses(fastsched_db, ids) == ["pending", "pending"]
+    assert fault.fired == 1
+    fastsched_clock.advance(minutes=5)
+    assert statuses(fastsched_db, ids) == ["completed", "completed"]
+    assert [run.outcome for run in jobs.runs_of(PROCESS_PENDING_JOB_ID)] == ["error", "success"]

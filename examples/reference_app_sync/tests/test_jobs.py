@@ -113,6 +113,21 @@ def test_a_slow_run_makes_the_next_one_skip(
     assert skipped == [START + dt.timedelta(minutes=10)]
 
 
+# A process suspended for an hour (a laptop asleep, a paused container) wakes up to twelve
+# due runs: coalesce=True makes them one, at the wake-up instant. Without it, the eleven
+# late ones would each be reported missed (past APScheduler's default one-second grace).
+def test_after_a_suspension_one_coalesced_run_catches_up(
+    fastsched_clock, fastsched_db, jobs, add_items
+):
+    ids = add_items({"n": 1}, {"n": 2})
+    fastsched_clock.jump(hours=1)
+    runs = jobs.runs_of(PROCESS_PENDING_JOB_ID)
+    assert [(run.scheduled, run.outcome) for run in runs] == [
+        (START + dt.timedelta(hours=1), "success")
+    ]
+    assert statuses(fastsched_db, ids) == ["completed", "completed"]
+
+
 # At midnight the 5-minute job and the nightly job run at the same instant, each in its own
 # pool thread with its own sessions: they need connections of their own, so these tests
 # commit for real.
