@@ -158,6 +158,11 @@ class Canaries:
         assert self.contents() == self.start, "a test reached the production canary"
 
 
+def sync_url(url: str) -> str:
+    """The URL of the same database for a sync engine: pysqlite, or psycopg 3."""
+    return url.replace("+aiosqlite", "").replace("+asyncpg", "+psycopg")
+
+
 @pytest.fixture(scope="session", autouse=True)
 def canaries(
     postgres_server: EphemeralPostgres, tmp_path_factory: pytest.TempPathFactory
@@ -166,6 +171,7 @@ def canaries(
     canaries = Canaries(tmp_path_factory.mktemp("canary"), postgres_server)
     os.environ["FASTSCHED_CANARY_URL"] = canaries.urls["sqlite"]
     os.environ["REFERENCE_APP_DATABASE_URL"] = canaries.urls["sqlite"]
+    os.environ["REFERENCE_APP_SYNC_DATABASE_URL"] = sync_url(canaries.urls["sqlite"])
     try:
         yield canaries
     finally:
@@ -235,6 +241,7 @@ def database(request: pytest.FixtureRequest) -> Iterator[str]:
         monkeypatch = request.getfixturevalue("monkeypatch")
         monkeypatch.setenv("FASTSCHED_CANARY_URL", canary)
         monkeypatch.setenv("REFERENCE_APP_DATABASE_URL", canary)
+        monkeypatch.setenv("REFERENCE_APP_SYNC_DATABASE_URL", sync_url(canary))
     yield "sqlite" if server is None else server.url()
     assert list(scratch.iterdir()) == []
     if server is not None:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import re
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -26,3 +28,12 @@ def test_try_it_runs_the_reference_app_suite() -> None:
         ".venv/bin/python -m pytest examples/reference_app -v -p no:randomly --fastsched-timeline"
     )
     assert (ROOT / "examples" / "reference_app" / "tests").is_dir()
+
+
+@pytest.mark.parametrize("heading", ["Try it", "Run the tests"])
+def test_readme_commands_install_every_example(heading: str) -> None:
+    (command,) = _commands_after(heading)
+    examples = sorted(path.parent.name for path in (ROOT / "examples").glob("*/pyproject.toml"))
+    assert examples == ["reference_app", "reference_app_sync"]
+    for example in examples:
+        assert f" -e examples/{example} " in command

@@ -1,4 +1,7 @@
-"""The reference app's own suite, run end to end as its users run it, on both databases."""
+"""The reference apps' own suites, run end to end as their users run them, on both databases.
+
+The sync app's suite runs on two xdist workers, as a user's suite of plain ``def`` tests would.
+"""
 
 from __future__ import annotations
 
@@ -8,12 +11,14 @@ from pathlib import Path
 
 import pytest
 
-APP = Path(__file__).resolve().parent.parent / "examples" / "reference_app"
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+XDIST = {"reference_app": [], "reference_app_sync": ["-p", "xdist", "-n", "2"]}
 
 
 @pytest.mark.parametrize("backend", ["freezegun", "time-machine"])
 @pytest.mark.parametrize("database", ["sqlite", "postgresql"])
-def test_reference_app_suite_passes(database: str, backend: str) -> None:
+@pytest.mark.parametrize("app", ["reference_app", "reference_app_sync"])
+def test_reference_app_suite_passes(app: str, database: str, backend: str) -> None:
     result = subprocess.run(
         [
             sys.executable,
@@ -24,10 +29,11 @@ def test_reference_app_suite_passes(database: str, backend: str) -> None:
             "no:randomly",
             "-p",
             "no:cacheprovider",
+            *XDIST[app],
             f"--fastsched-database={database}",
             f"--fastsched-clock-backend={backend}",
         ],
-        cwd=APP,
+        cwd=EXAMPLES / app,
         capture_output=True,
         text=True,
         timeout=600,

@@ -2,7 +2,10 @@
 
 The suite in ``tests/soak/`` writes rows, fires the app's jobs with ``fastsched_clock``,
 leaves the clock, jobs in flight and thread jobs anywhere, and fails on purpose in
-``suite_failing.py``. Its conftest checks, before and after every test, that the database
+``suite_failing.py``. It runs for two apps: ``app.py``, an ``AsyncIOScheduler`` with async
+sessions, tested by ``async def`` tests, and ``sync_app.py``, a ``BackgroundScheduler`` whose
+``def`` jobs use a sync ``SessionLocal``, tested by the same tests written as ``def`` tests
+(the ``sync_*.py`` files). Its conftest checks, before and after every test, that the database
 holds no rows, the wall clock is real, the scheduler is stopped with its own jobs, and no
 thread or task of an earlier test is alive. Each run must give exactly the same outcomes:
 the deliberate failures fail, everything else passes, no setup or teardown errors.
@@ -36,21 +39,27 @@ asyncio_default_test_loop_scope = function
 filterwarnings = error
 fastsched_database = {database}
 fastsched_scheduler = app:scheduler
-fastsched_sessionmaker = app:async_session_factory
+fastsched_sessionmaker = app:{sessionmaker}
 fastsched_metadata = app:Base.metadata
 """
 
 
-def _write_suite(pytester: pytest.Pytester, database: str) -> dict[str, str]:
+# The prefix of each kind's source files, and the app's sessionmaker.
+KINDS = {"async": ("", "async_session_factory"), "sync": ("sync_", "SessionLocal")}
+
+
+def _write_suite(pytester: pytest.Pytester, database: str, kind: str) -> dict[str, str]:
     """Write the soak project; return the outcome each test must have, by node id."""
-    pytester.makeini(INI.format(database=database))
+    prefix, sessionmaker = KINDS[kind]
+    pytester.makeini(INI.format(database=database, sessionmaker=sessionmaker))
     pytester.makepyfile(
-        app=(SOAK / "app.py").read_text(), conftest=(SOAK / "inner_conftest.py").read_text()
+        app=(SOAK / f"{prefix}app.py").read_text(),
+        conftest=(SOAK / "inner_conftest.py").read_text(),
     )
     expected = {}
     for files, outcome in ((SUITES, "passed"), (FAILING_SUITES, "failed")):
         for name, source in files.items():
-            text = (SOAK / source).read_text()
+            text = (SOAK / f"{prefix}{source}").read_text()
             (pytester.path / name).write_text(text)
             for function in _test_functions(text):
                 for case in range(TESTS_PER_FUNCTION):
@@ -60,9 +69,9 @@ def _write_suite(pytester: pytest.Pytester, database: str) -> dict[str, str]:
 
 def _test_functions(source: str) -> list[str]:
     return [
-        line.split("(")[0].removeprefix("async def ")
+        line.split("(")[0].removeprefix("async ").removeprefix("def ")
         for line in source.splitlines()
-        if line.startswith("async def test_")
+        if line.startswith(("async def test_", "def test_"))
     ]
 
 
@@ -86,12 +95,13 @@ def _run(pytester: pytest.Pytester, seed: int, monkeypatch: pytest.MonkeyPatch) 
     return outcomes
 
 
+@pytest.mark.parametrize("kind", KINDS)
 def test_outcomes_are_the_same_in_every_random_order(
-    pytester: pytest.Pytester, database: str, monkeypatch: pytest.MonkeyPatch
+    pytester: pytest.Pytester, database: str, kind: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     # `database` also makes the suite's temporary directory (user_tmpdir) and checks that
     # the runs leave nothing in it, nor on the shared server.
-    expected = _write_suite(pytester, database)
+    expected = _write_suite(pytester, database, kind)
     assert len(expected) == 210
     # pytest-randomly seeds `random` per test: rerun with the outer seed to repeat the seeds.
     seeds = random.sample(range(1, 10**6), RUNS)
