@@ -43,6 +43,7 @@ from typing import Any
 import greenlet
 import pytest
 from sqlalchemy.engine import Connection, Engine
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import (
     AsyncConnection,
     AsyncEngine,
@@ -143,14 +144,76 @@ class SyncSide:
     Under rollback isolation, ``loop`` is the test's event loop, on which every call of a
     sync connection into the test connection is made, and ``refuse`` the error raised when
     one is made on that loop's own thread while it runs; ``thread``, the test's thread, runs
-    the loop itself for a call made while the loop is idle (the body of a ``def`` test).
-    Under commit isolation, ``engine`` is the sync engine of the test database.
+    the loop itself for a call made while the loop is idle (the body of a ``def`` test);
+    ``dbapi``, the app's sync driver module, whose errors a failed call raises (on
+    PostgreSQL the test connection's driver is asyncpg, the app's psycopg). Under commit
+    isolation, ``engine`` is the sync engine of the test database.
     """
 
     loop: asyncio.AbstractEventLoop | None = None
     refuse: Callable[[], BaseException] | None = None
     engine: Callable[[], Engine] | None = None
     thread: threading.Thread | None = None
+    dbapi: Any = None
+
+
+def _app_dbapi(
+    makers: Sequence[AnySessionmaker], engines: Sequence[AnyEngine], test_engine: AsyncEngine
+) -> Any:
+    """The sync driver module of the app, when its errors differ from the test connection's
+    (PostgreSQL: the app's psycopg or psycopg2, the test connection's asyncpg); else ``None``.
+
+    From the engines the sync sessionmakers were bound to and the sync engines; psycopg 3
+    (the sync test engine's driver) for sessionmakers bound to nothing.
+    """
+    if test_engine.dialect.name != "postgresql":
+        return None  # SQLite: pysqlite and aiosqlite raise sqlite3's errors alike
+    binds = [maker.kw.get("bind") for maker in makers if is_sync(maker)]
+    binds += [engine for engine in engines if isinstance(engine, Engine)]
+    for bind in binds:
+        dbapi = getattr(getattr(bind, "dialect", None), "dbapi", None)
+        if dbapi is not None and hasattr(getattr(dbapi, "errors", None), "lookup"):
+            return dbapi
+    try:
+        import psycopg
+    except ImportError:
+        return None
+    return psycopg
+
+
+def app_error(error: BaseException, dbapi: Any) -> BaseException:
+    """``error`` (raised on the test connection) as the app's driver ``dbapi`` raises it.
+
+    A SQLAlchemy ``DBAPIError`` of asyncpg's becomes the one SQLAlchemy raises for the same
+    SQLSTATE from psycopg: ``OperationalError`` around ``psycopg.errors.QueryCanceled`` for a
+    statement timeout, where asyncpg's is a bare ``DBAPIError``; the message keeps the
+    server's, with its DETAIL and HINT lines as psycopg shows them.
+    """
+    orig = getattr(error, "orig", None)
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(
+        getattr(orig, "__cause__", None), "sqlstate", None
+    )
+    if dbapi is None or not isinstance(error, DBAPIError) or not sqlstate:
+        return error
+    cause = getattr(orig, "__cause__", None) or orig
+    message = str(getattr(cause, "args", [""])[0] if getattr(cause, "args", None) else cause)
+    for label, part in (("DETAIL", "detail"), ("HINT", "hint")):
+        value = getattr(cause, part, None)
+        if value:
+            message += f"\n{label}:  {value}"
+    try:
+        kind = dbapi.errors.lookup(sqlstate)
+    except KeyError:
+        kind = dbapi.DatabaseError
+    translated: BaseException = DBAPIError.instance(
+        error.statement,
+        error.params,
+        kind(message),
+        dbapi.Error,
+        connection_invalidated=error.connection_invalidated,
+    )
+    translated.__cause__ = getattr(translated, "orig", None)
+    return translated
 
 
 @contextlib.contextmanager
@@ -168,6 +231,8 @@ def rebound(
     """
     saved_makers = [(maker, dict(maker.kw)) for maker in makers]
     redirected: list[_Redirect] = []
+    if connection is not None:
+        sync = dataclasses.replace(sync, dbapi=_app_dbapi(makers, engines, test_engine))
     try:
         sync_engine: Engine | None = None
         if any(is_sync(maker) for maker in makers) or any(
@@ -345,6 +410,12 @@ def end_open_transactions() -> None:
 _threads.AFTER_CALL.append(end_open_transactions)
 
 
+def _result(call: concurrent.futures.Future[Any]) -> Any:
+    while True:  # in short waits, so that the watchdog can stop a stuck job thread
+        with contextlib.suppress(concurrent.futures.TimeoutError):
+            return call.result(timeout=_WAIT_STEP)
+
+
 class _SyncJoined(_JoinedConnection):
     """A sync connection on the test connection (rollback isolation): each call into the
     database is made on the test's event loop, in SQLAlchemy's greenlet there, and waited for
@@ -373,13 +444,23 @@ class _SyncJoined(_JoinedConnection):
         try:
             own = running is None and self._bridge.thread is threading.current_thread()
             if own and not loop.is_running():  # a def test's own session, between its calls
-                return loop.run_until_complete(spawn(method, *args, **kwargs))
+                return self._as_app(
+                    lambda: loop.run_until_complete(spawn(method, *args, **kwargs))
+                )
             call = asyncio.run_coroutine_threadsafe(spawn(method, *args, **kwargs), loop)
         finally:
             sync_thread.reset(token)
-        while True:  # in short waits, so that the watchdog can stop a stuck job thread
-            with contextlib.suppress(concurrent.futures.TimeoutError):
-                return call.result(timeout=_WAIT_STEP)
+        return self._as_app(lambda: _result(call))
+
+    def _as_app(self, call: Callable[[], Any]) -> Any:
+        """``call()``, its database error raised as the app's driver raises it."""
+        try:
+            return call()
+        except DBAPIError as error:
+            translated = app_error(error, self._bridge.dbapi)
+            if translated is error:
+                raise
+            raise translated from translated.__cause__
 
     def _execute_context(self, *args: Any, **kwargs: Any) -> Any:
         return self._on_loop(super()._execute_context, *args, **kwargs)

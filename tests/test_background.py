@@ -119,7 +119,11 @@ import time
 
 import pytest
 from apscheduler.schedulers.background import BackgroundScheduler
-from sqlalchemy import func, select, update
+import sqlite3
+
+import psycopg
+from sqlalchemy import func, select, text, update
+from sqlalchemy.exc import IntegrityError, OperationalError
 
 import app
 from pytest_fastsched import JobRunError, NotAwaitedError
@@ -196,6 +200,26 @@ def test_a_session_a_job_never_closes_is_rolled_back(
     fastsched_clock.advance(minutes=15)
     fastsched_scheduler.assert_ran("leaky", times=3)
     assert fastsched_db.status_of("items", 1) == "completed"
+
+
+@pytest.mark.parametrize("isolation", ISOLATIONS)
+def test_database_errors_are_the_apps_drivers(isolation, fastsched_db):
+    with pytest.raises(IntegrityError) as excinfo, app.SessionLocal() as session:
+        session.add_all([app.Item(id=1), app.Item(id=1)])
+        session.commit()
+    if fastsched_db.dialect == "sqlite":
+        assert type(excinfo.value.orig) is sqlite3.IntegrityError
+        return
+    assert type(excinfo.value.orig) is psycopg.errors.UniqueViolation
+    assert str(excinfo.value.orig) == (
+        'duplicate key value violates unique constraint "items_pkey"\\n'
+        "DETAIL:  Key (id)=(1) already exists."
+    )
+    with pytest.raises(OperationalError) as excinfo, app.SessionLocal() as session:
+        session.execute(text("SET LOCAL statement_timeout = 10"))
+        session.execute(text("SELECT pg_sleep(1)"))
+    assert type(excinfo.value.orig) is psycopg.errors.QueryCanceled
+    assert str(excinfo.value.orig) == "canceling statement due to statement timeout"
 
 
 def test_a_slow_job_meets_max_instances_as_in_production(fastsched_clock, fastsched_scheduler):
@@ -337,7 +361,7 @@ def test_a_background_scheduler_app_under_def_tests(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
-    result.assert_outcomes(passed=15, failed=1, errors=2)
+    result.assert_outcomes(passed=17, failed=1, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_an_advance_never_awaited _*",
