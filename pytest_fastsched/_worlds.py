@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import asyncio
 import inspect
+import os
 import threading
+import types
 from collections.abc import Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -70,6 +72,7 @@ class World:
         ``what`` names the call in the errors (``fastsched_clock.advance()``), raised as
         ``error``.
         """
+        __tracebackhide__ = True
         if _running_loop() is not None:
             return self._note(what, make())
         if not self.sync_test:
@@ -86,7 +89,11 @@ class World:
         loop = self.loop_of_sync_test()
         if loop.is_running():  # e.g. called from a callback the loop runs in another thread
             raise error(f"{what} was called while the test's loop runs: call it from the test")
-        return loop.run_until_complete(make())
+        try:
+            return loop.run_until_complete(make())
+        except BaseException as failed:
+            # As in an async test, the failure shows the test's line, not the loop's frames.
+            raise failed.with_traceback(_without_asyncio(failed.__traceback__))
 
     def _note(self, what: str, coro: Coroutine[Any, Any, _T]) -> Coroutine[Any, Any, _T]:
         """Keep ``coro`` until the end of the test, when one never awaited fails it."""
@@ -175,6 +182,22 @@ def close_world(item: pytest.Item) -> None:
 def _is_async(function: Any) -> bool:
     function = inspect.unwrap(function) if function is not None else None
     return function is None or inspect.iscoroutinefunction(function)
+
+
+_ASYNCIO = os.path.dirname(asyncio.__file__)
+
+
+def _without_asyncio(tb: types.TracebackType | None) -> types.TracebackType | None:
+    """``tb`` without the frames of asyncio's own modules (the loop running the call)."""
+    kept = []
+    while tb is not None:
+        if not tb.tb_frame.f_code.co_filename.startswith(_ASYNCIO):
+            kept.append(tb)
+        tb = tb.tb_next
+    result = None
+    for entry in reversed(kept):
+        result = types.TracebackType(result, entry.tb_frame, entry.tb_lasti, entry.tb_lineno)
+    return result
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
