@@ -323,6 +323,14 @@ async def test_a_shutdown_on_the_loop_leaves_a_sleeping_job_to_finish(
     assert [run.outcome for run in fastsched_scheduler.runs_of("slow")] == ["success"]
 
 
+def test_fails_with_a_job_error_at_the_tests_line(fastsched_clock, fastsched_scheduler):
+    def broken():
+        raise ValueError("shown at the test's line")
+
+    app.scheduler.add_job(broken, "date", run_date=START + dt.timedelta(minutes=3), id="broken")
+    fastsched_clock.advance(minutes=4)
+
+
 async def test_fails_an_advance_never_awaited(fastsched_clock):
     fastsched_clock.advance(minutes=5)
 
@@ -361,7 +369,18 @@ def test_a_background_scheduler_app_under_def_tests(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
-    result.assert_outcomes(passed=17, failed=1, errors=2)
+    result.assert_outcomes(passed=17, failed=2, errors=2)
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_fails_with_a_job_error_at_the_tests_line _*",
+            ">       fastsched_clock.advance(minutes=4)",
+            "E       pytest_fastsched.JobRunError: job 'broken' (scheduled "
+            "2030-01-01T00:03:00+00:00) raised ValueError: shown at the test's line",
+        ]
+    )
+    section = result.stdout.str().split("test_fails_with_a_job_error_at_the_tests_line _")[1]
+    section = section.split("_ test_fails_an_advance_never_awaited _")[0]
+    assert "base_events.py" not in section and "_worlds.py" not in section
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_an_advance_never_awaited _*",
