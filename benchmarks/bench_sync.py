@@ -3,9 +3,12 @@
 1. One virtual day of a 1-minute ``def`` job on a ``BackgroundScheduler``'s thread pool doing
    one SQLite round trip through a sync engine (pysqlite), on each wall-clock backend,
    against calling the same job body 1440 times in a plain loop (the per-round ratio; target
-   at most 1.5x). Beside it, in the same run, the async figure of ``bench_clock.py``: an
-   ``AsyncIOScheduler``'s ``async def`` job doing the round trip through aiosqlite, against
-   awaiting its body 1440 times.
+   at most 1.5x), and against APScheduler's own work for the same day: the scheduler, not
+   started, its ``_process_jobs()`` called at each minute under the same wall clock, each run
+   given to its own ``ThreadPoolExecutor`` and waited for (trigger arithmetic, job store,
+   the pool's thread hand-off and done callback: what any harness pays). Beside it, in the
+   same run, the async figure of ``bench_clock.py``: an ``AsyncIOScheduler``'s ``async def``
+   job doing the round trip through aiosqlite, against awaiting its body 1440 times.
 2. The sync job through the plugin's rollback isolation, as a test with ``fastsched_db``
    runs it: the app's ``SessionLocal`` bound to the test connection, each of its calls handed
    from the job's thread to the test's loop; against the body called 1440 times with a
@@ -22,6 +25,7 @@ import argparse
 import asyncio
 import datetime as dt
 import tempfile
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +42,7 @@ from sqlalchemy.orm import sessionmaker
 from pytest_fastsched import _db, _options
 from pytest_fastsched._clock import VirtualClock
 from pytest_fastsched._scheduler import SchedulerHarness
+from pytest_fastsched._wallclock import make_wall_clock
 
 START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 FIRES = 1440
@@ -83,6 +88,32 @@ async def _virtual_day(scheduler: Any, job: Callable[[], Any], backend: str) -> 
     return elapsed
 
 
+def _apscheduler_own(body: Callable[[], None], backend: str) -> float:
+    """Seconds of APScheduler's own work for one virtual day of ``body`` every minute."""
+    from apscheduler.schedulers.base import BaseScheduler
+
+    wall = make_wall_clock(backend)
+    wall.start(START)
+    scheduler = BackgroundScheduler(timezone="UTC")
+    scheduler._event = threading.Event()  # BlockingScheduler.wakeup() sets it
+    scheduler.add_job(body, "interval", minutes=1, id="job")
+    BaseScheduler.start(scheduler)  # no scheduler thread: the loop below is its thread
+    executor = scheduler._lookup_executor("default")
+    try:
+        began = time.perf_counter()
+        for minute in range(1, FIRES + 1):
+            wall.move_to(START + dt.timedelta(minutes=minute))
+            scheduler._process_jobs()
+            while executor._instances.get("job"):  # until the run's done callback
+                time.sleep(0)
+        elapsed = time.perf_counter() - began
+        assert scheduler.get_job("job").next_run_time == START + dt.timedelta(minutes=FIRES + 1)
+    finally:
+        BaseScheduler.shutdown(scheduler)
+        wall.stop()
+    return elapsed
+
+
 def _plain(body: Callable[[], None]) -> float:
     began = time.perf_counter()
     for _ in range(FIRES):
@@ -104,6 +135,8 @@ async def days(sync_engine: Engine, async_engine: AsyncEngine, rounds: int) -> N
     async def sync_side(side: str) -> float:
         if side == "plain":
             return _plain(body)
+        if side.startswith("apscheduler "):
+            return _apscheduler_own(body, side.split()[1])
         return await _virtual_day(BackgroundScheduler(timezone="UTC"), body, side)
 
     async def job() -> None:
@@ -114,10 +147,18 @@ async def days(sync_engine: Engine, async_engine: AsyncEngine, rounds: int) -> N
             return await _plain_async(async_engine)
         return await _virtual_day(AsyncIOScheduler(timezone="UTC"), job, side)
 
-    sync = await abba.alternate_async(sync_side, ("plain", *BACKENDS), rounds)
+    own = tuple(f"apscheduler {backend}" for backend in BACKENDS)
+    sync = await abba.alternate_async(sync_side, ("plain", *BACKENDS, *own), rounds)
     asynchronous = await abba.alternate_async(async_side, ("plain", *BACKENDS), rounds)
     print("| measure | median (range) | ratio: median (range) |")
     print("|---|---|---|")
+    for backend in BACKENDS:
+        print(
+            f"| APScheduler's own work for the sync day (its thread pool), {backend} | "
+            f"{abba.ms(sync['apscheduler ' + backend], 0)} | "
+            f"{abba.ratio(sync['apscheduler ' + backend], sync['plain'])} of plain; harness "
+            f"{abba.ratio(sync[backend], sync['apscheduler ' + backend])} of it |"
+        )
     for name, figures, kind in (
         (
             "sync: 1440 calls of the def job body (pysqlite round trip)",
