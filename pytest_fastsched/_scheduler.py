@@ -28,7 +28,6 @@ import threading
 import traceback
 import types
 import warnings
-from asyncio import _get_running_loop
 from collections.abc import Callable, Iterator
 from typing import Any, Protocol
 
@@ -640,13 +639,13 @@ class SchedulerHarness:
                     self._check_job(job)
         clock = self.clock
         # On the loop's own thread with no clock call waiting, a poke would do nothing.
-        if clock.inflight.waiter is not None or _get_running_loop() is not clock.loop:
+        if clock.inflight.waiter is not None or not clock.on_loop_thread():
             clock.poke()
 
     def _on_submitted(self, event: Any) -> None:
         now = self.clock.now()
         for scheduled in event.scheduled_run_times:
-            if _decrement(self._opened, (event.job_id, _utc(scheduled))):
+            if self._opened and _decrement(self._opened, (event.job_id, _utc(scheduled))):
                 continue  # opened when it was given to its thread pool
             self._add_open(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
 
@@ -680,7 +679,8 @@ class SchedulerHarness:
         if run is None:
             run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
-        self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
+        if self._thread_runs:
+            self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
         run.finished = self.clock.now()
         code = event.code
         if code == ev.EVENT_JOB_EXECUTED and not isinstance(event.retval, types.CoroutineType):
