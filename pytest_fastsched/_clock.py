@@ -200,9 +200,11 @@ class _LoopPatch:
                 # test itself sleeps on a loop timer, move virtual time to it instead of
                 # waiting in real time (forever).
                 probe = self.probe
-                stepping = probe is not None and probe()
-                if stepping or ((timeout is None or timeout > 0) and clock.test_sleeps()):
+                if probe is not None and probe():
                     timeout = 0
+                elif self.probe is None and (timeout is None or timeout > 0):
+                    # (A probe still there waits for work in flight: the test does not sleep.)
+                    timeout = 0 if clock.test_sleeps() else timeout
                 return original_select(timeout)
 
             self._selector.select = select
@@ -766,12 +768,16 @@ class VirtualClock:
         I/O (the loop patch's ``select``). While the ready queue holds anything, or a timer
         is due, the instant is not settled (the ready queue holds exactly what the loop runs
         next: call_soon, done-callbacks, call_soon_threadsafe from any thread). Empty, with
-        no due timer, means quiescent at this instant unless counted work is in flight
-        (``"busy"``: the caller waits for it). Quiescent: the checks run (a job error is
-        raised through the future) and time steps to the next timer, whose callbacks the
-        loop runs in the same iteration, without waking the driving coroutine and without a
-        callback of the clock's own in the loop's queue. A loop whose ``select`` could not
-        be patched runs the probe as a callback that queues itself again.
+        no due timer, means quiescent at this instant unless counted work is in flight: then
+        the loop waits in its ``select`` as it would anyway, woken by that work's end (a
+        driver thread's ``call_soon_threadsafe``, a socket, a poke), a watchdog tick or the
+        next timer's distance in real time (when a network call stops holding time), and the
+        probe looks again. Quiescent: the checks run (a job error is raised through the
+        future) and time steps to the next timer, whose callbacks the loop runs in the same
+        iteration, without waking the driving coroutine and without a callback of the
+        clock's own in the loop's queue. A loop whose ``select`` could not be patched runs
+        the probe as a callback that queues itself again, and leaves the wait for work in
+        flight to the caller (``"busy"``).
         """
         assert self._loop_patch is not None
         patch = self._loop_patch
@@ -782,7 +788,7 @@ class VirtualClock:
         spins = 0
 
         def probe() -> bool:
-            """Look at the instant; False once the result is set (the loop may wait)."""
+            """Look at the instant: whether the loop must not wait (False once it is over)."""
             __tracebackhide__ = True
             nonlocal spins
             if result.done():  # set, or the driving coroutine was cancelled
@@ -801,28 +807,37 @@ class VirtualClock:
                     return True
                 else:
                     spins = 0
-                    quiescent()
+                    if not quiescent():
+                        return False  # work in flight: the loop waits for it
             except BaseException as error:  # raised at the clock call's await
                 result.set_exception(error)
             if result.done() and patch.probe is probe:
                 patch.probe = None
             return True
 
-        def quiescent() -> None:
+        def quiescent() -> bool:
+            """Check and step at a settled instant; False while counted work is in flight."""
+            __tracebackhide__ = True
             if self._busy():
-                result.set_result("busy")
-                return
+                if not patch.watches_select:
+                    result.set_result("busy")  # a queued probe cannot wait: the caller does
+                elif watchdog.expired():
+                    result.set_result("expired")
+                else:
+                    return False
+                return True
             self._run_checks()
             if until is not None and until.done():
                 result.set_result("until")
-                return
+                return True
             deadline = self._next_deadline() if move else None
             if deadline is None or (target_us is not None and deadline[0] > target_us):
                 result.set_result("done")
-                return
+                return True
             if deadline[0] > self.now_us:
                 watchdog.progress()
             self._set_now(*deadline)
+            return True
 
         if patch.watches_select:
             patch.probe = probe
