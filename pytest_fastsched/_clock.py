@@ -867,13 +867,13 @@ class VirtualClock:
         if not scheduled:
             return None
         head = scheduled[0]
-        if head.cancelled():
+        if head._cancelled:  # the handles' attributes: their methods cost a call per fire
             whens = [handle.when() for handle in scheduled if not handle.cancelled()]
             if not whens:
                 return None
             when = min(whens)
         else:
-            when = head.when()
+            when = head._when
         return self._loop_patch.us_of_loop_time(when), when
 
     def _next_timer_us(self) -> int | None:
