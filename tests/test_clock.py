@@ -9,9 +9,11 @@ import random
 import threading
 import time
 import warnings
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -480,6 +482,29 @@ async def test_async_job_on_thread_pool_is_an_error(
         "it in a thread, get a coroutine back and report success without running it. Run it "
         "on the AsyncIOScheduler's default executor (remove executor=...)."
     ) in str(excinfo.value)
+
+
+class _RefusingExecutor(AsyncIOExecutor):
+    def _do_submit_job(self, job: Any, run_times: list[dt.datetime]) -> Any:
+        raise RuntimeError("no room")
+
+
+async def test_a_run_the_async_executor_refuses_is_a_job_error(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    # The run is opened before its executor gets it; APScheduler only logs the refusal.
+    async def tick() -> None:
+        pass
+
+    scheduler.add_executor(_RefusingExecutor(), "refusing")
+    scheduler.add_job(tick, "interval", minutes=5, id="tick", executor="refusing")
+    with pytest.raises(JobRunError) as excinfo:
+        await fastsched_clock.advance(minutes=5)
+    assert (
+        "job 'tick' (scheduled 2030-01-01T00:05:00+00:00) raised JobRunError: job 'tick' "
+        "could not be given to its executor: RuntimeError: no room"
+    ) in str(excinfo.value)
+    assert [run.outcome for run in fastsched_scheduler.runs_of("tick")] == ["error"]
 
 
 async def _imported_tick() -> None:
