@@ -484,6 +484,40 @@ async def test_async_job_on_thread_pool_is_an_error(
     ) in str(excinfo.value)
 
 
+async def test_time_moves_on_a_loop_whose_select_another_library_patched(
+    fastsched_clock_backend: str,
+) -> None:
+    # The clock steps from the selector's select() when it can patch it; when it cannot (a
+    # patch already there), from a loop callback that waits for work in flight the slow way.
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    selector.select = selector.select  # an instance attribute, as another patch leaves
+    clock = VirtualClock(start=START, backend=fastsched_clock_backend)
+    clock.start()
+    try:
+        harness = SchedulerHarness(clock)
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        seen: list[dt.datetime] = []
+
+        async def job() -> None:
+            # Work in flight on a thread holds the clock until it ends.
+            seen.append(await asyncio.to_thread(dt.datetime.now, UTC))
+
+        scheduler.add_job(job, "interval", minutes=5, id="tick")
+        harness.attach(scheduler)
+        clock.attach()
+        assert clock._loop_patch is not None
+        assert not clock._loop_patch.watches_select
+        await clock.advance(hours=1)
+        expected = [START + dt.timedelta(minutes=5 * n) for n in range(1, 13)]
+        assert seen == expected
+        assert harness.run_times("tick") == expected
+        harness.close()
+    finally:
+        clock.close()
+        del selector.select
+
+
 class _RefusingExecutor(AsyncIOExecutor):
     def _do_submit_job(self, job: Any, run_times: list[dt.datetime]) -> Any:
         raise RuntimeError("no room")
