@@ -1,7 +1,7 @@
 """Per-fire cost of the harness against APScheduler's own job processing, and its growth.
 
-    python benchmarks/bench_fire.py [fire|growth|many|all] [--reps N] [--days N] [--hours N]
-        [--backend time-machine|freezegun]
+    python benchmarks/bench_fire.py [fire|instructions|growth|many|all] [--reps N] [--days N]
+        [--hours N] [--backend time-machine|freezegun]
 
 What is measured (each figure in one process; sides alternate A B B A within every
 repetition and the report gives the median and range of the per-repetition ratios):
@@ -27,6 +27,14 @@ fire   Per-fire cost of a no-op ``async def`` job on a 1-minute interval trigger
        - callback floor: the same, settled by a loop callback instead of a coroutine;
        - sleep(0):     1,440 iterations of ``await asyncio.sleep(0)`` (the loop's floor).
        Per-fire cost = elapsed / 1,440.
+instructions
+       The same two sides' instructions per fire, counted by callgrind (load-independent;
+       needs valgrind, skipped in ``all`` without it): each side runs once, in a process
+       of its own, under ``valgrind --tool=callgrind --separate-threads=yes
+       --dump-before=time_perf_counter``, which splits the counts at each
+       ``time.perf_counter()`` call: the main thread's instructions between the two calls
+       that time the 1,440 fires, over 1,440, are the figure (the set-up is left out); the
+       callback floor (below) is counted the same way.
 growth A 1-minute no-op job driven day by day (``advance(days=1)`` 30 times, one clock);
        the real time of every virtual day; reports the median of the last 5 days over that
        of the first 5 (target <= 1.1; single days jump with the machine's load).
@@ -46,7 +54,12 @@ import datetime as dt
 import gc
 import math
 import os
+import re
+import shutil
 import statistics
+import subprocess
+import sys
+import tempfile
 import time
 import types
 from collections.abc import AsyncIterator, Awaitable, Callable, Generator
@@ -331,6 +344,65 @@ async def bench_fire(reps: int) -> None:
         )
 
 
+def _instructions(side: str, backend: str) -> float:
+    """Instructions per fire of the main thread in the timed section of ``side``."""
+    with tempfile.TemporaryDirectory() as directory:
+        out = os.path.join(directory, "callgrind.out")
+        subprocess.run(
+            [
+                "valgrind",
+                "--tool=callgrind",
+                "--separate-threads=yes",
+                "--dump-before=time_perf_counter",
+                f"--callgrind-out-file={out}",
+                sys.executable,
+                __file__,
+                "_one",
+                side,
+                backend,
+                "1440",
+            ],
+            check=True,
+            capture_output=True,
+            env={**os.environ, "PYTHONHASHSEED": "0"},
+        )
+        # One dump before each perf_counter() call (out.1-01 is the start-up, out-01 what
+        # follows the last call): the parts in between are the timed section.
+        parts = sorted(
+            name for name in os.listdir(directory) if re.fullmatch(r"callgrind\.out\.\d+-01", name)
+        )
+        if len(parts) < 2:
+            raise RuntimeError("callgrind did not split the run at time.perf_counter()")
+        total = 0
+        for name in parts[1:]:
+            with open(os.path.join(directory, name)) as part:
+                found = re.search(r"^(?:summary|totals):\s*(\d+)", part.read(), re.MULTILINE)
+            if found is None:
+                raise RuntimeError(f"callgrind wrote no instruction count in {name}")
+            total += int(found.group(1))
+    return total / 1440
+
+
+def bench_instructions(backends: tuple[str, ...]) -> None:
+    for backend in backends:
+        per_fire = {
+            side: _instructions(side, backend) for side in ("harness", "apscheduler", "floor")
+        }
+        own = per_fire["apscheduler"]
+        print(
+            f"| instructions per fire, main thread (callgrind), {backend}: harness / "
+            f"APScheduler's own | {per_fire['harness']:,.0f} / {own:,.0f}: "
+            f"{per_fire['harness'] / own:.2f}x | callback floor {per_fire['floor']:,.0f}: "
+            f"{per_fire['floor'] / own:.2f}x |"
+        )
+
+
+async def _one(side: str, backend: str, minutes: int) -> None:
+    """One run of one side, for callgrind (``bench_fire.py _one SIDE BACKEND MINUTES``)."""
+    runs = {"harness": harness_run, "apscheduler": apscheduler_run, "floor": callback_floor_run}
+    await runs[side](backend, minutes=minutes)
+
+
 async def bench_many(reps: int, hours: int) -> None:
     minutes = hours * 60
     for backend in BACKENDS:
@@ -360,6 +432,9 @@ async def bench_growth(days: int, backends: tuple[str, ...]) -> None:
 
 
 async def main() -> None:
+    if sys.argv[1:2] == ["_one"]:
+        await _one(sys.argv[2], sys.argv[3], int(sys.argv[4]))
+        return
     parser = argparse.ArgumentParser()
     parser.add_argument("what", nargs="?", default="all")
     parser.add_argument("--reps", type=int, default=5)
@@ -371,6 +446,8 @@ async def main() -> None:
     print(f"pid {os.getpid()}, load {abba.load()}")
     if args.what in ("fire", "all"):
         await bench_fire(args.reps)
+    if args.what == "instructions" or (args.what == "all" and shutil.which("valgrind")):
+        bench_instructions(backends)
     if args.what in ("many", "all"):
         await bench_many(max(1, args.reps // 2), args.hours)
     if args.what in ("growth", "all"):

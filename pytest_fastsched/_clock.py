@@ -30,6 +30,7 @@ import functools
 import heapq
 import inspect
 import math
+import threading
 from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Coroutine, Iterator
 from typing import Any, TypeVar
@@ -188,20 +189,29 @@ class _LoopPatch:
         loop.run_in_executor = run_in_executor  # type: ignore[method-assign, assignment]
         loop.create_task = create_task  # type: ignore[method-assign]
         loop.call_soon_threadsafe = call_soon_threadsafe  # type: ignore[method-assign, assignment]
+        self.probe: Callable[[], bool] | None = None
+        """Called each time the loop selects, while a clock call steps (see ``_stepper``)."""
         self._selector = getattr(loop, "_selector", None)
         if self._selector is not None and "select" not in vars(self._selector):
             original_select = self._selector.select
 
             def select(timeout: float | None = None) -> Any:
-                # The loop is about to wait: if the test itself sleeps on a loop timer, move
-                # virtual time to it instead of waiting in real time (forever).
-                if (timeout is None or timeout > 0) and clock.test_sleeps():
+                # The loop has run its ready queue and is about to wait: a clock call that
+                # steps looks at the instant here (and moves time instead of waiting); if the
+                # test itself sleeps on a loop timer, move virtual time to it instead of
+                # waiting in real time (forever).
+                probe = self.probe
+                if probe is not None and probe():
                     timeout = 0
+                elif self.probe is None and (timeout is None or timeout > 0):
+                    # (A probe still there waits for work in flight: the test does not sleep.)
+                    timeout = 0 if clock.test_sleeps() else timeout
                 return original_select(timeout)
 
             self._selector.select = select
         else:
             self._selector = None
+        self.watches_select = self._selector is not None
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.loop_time_of(now_us)
@@ -547,11 +557,20 @@ class VirtualClock:
         if patch is None:
             return
         loop = patch.loop
-        if _get_running_loop() is loop:
+        if self.on_loop_thread():
             self._wake_waiter()  # on the loop's own thread: no self-pipe write
         else:
             with contextlib.suppress(RuntimeError):  # closed meanwhile
                 loop.call_soon_threadsafe(self._wake_waiter)
+
+    def on_loop_thread(self) -> bool:
+        """Whether the caller runs on the thread where the clock's loop is running.
+
+        Asked once per job event: the thread's identity costs no system call, where asking
+        for the running loop does (a ``getpid()``, in case the process forked).
+        """
+        patch = self._loop_patch
+        return patch is not None and patch.loop._thread_id == threading.get_ident()  # type: ignore[attr-defined]
 
     def _wake_waiter(self) -> None:
         waiter = self.inflight.waiter
@@ -802,15 +821,22 @@ class VirtualClock:
         until: asyncio.Future[Any] | None,
         move: bool,
     ) -> asyncio.Future[str]:
-        """A loop callback that settles instants and moves time, resolving a future when done.
+        """A probe of the loop that settles instants and moves time, resolving a future when done.
 
-        While the loop's ready queue holds anything, or a timer is due, the probe queues
-        itself behind it (the ready queue holds exactly what the loop runs next: call_soon,
-        done-callbacks, call_soon_threadsafe from any thread). Empty, with no due timer,
-        means quiescent at this instant unless counted work is in flight (``"busy"``: the
-        caller waits for it). Quiescent: the checks run (a job error is raised through the
-        future) and time steps to the next timer, without waking the driving coroutine:
-        a plain callback per loop iteration costs less than a task step.
+        The probe runs each time the loop has run its ready queue and is about to wait for
+        I/O (the loop patch's ``select``). While the ready queue holds anything, or a timer
+        is due, the instant is not settled (the ready queue holds exactly what the loop runs
+        next: call_soon, done-callbacks, call_soon_threadsafe from any thread). Empty, with
+        no due timer, means quiescent at this instant unless counted work is in flight: then
+        the loop waits in its ``select`` as it would anyway, woken by that work's end (a
+        driver thread's ``call_soon_threadsafe``, a socket, a poke), a watchdog tick or the
+        next timer's distance in real time (when a network call stops holding time), and the
+        probe looks again. Quiescent: the checks run (a job error is raised through the
+        future) and time steps to the next timer, whose callbacks the loop runs in the same
+        iteration, without waking the driving coroutine and without a callback of the
+        clock's own in the loop's queue. A loop whose ``select`` could not be patched runs
+        the probe as a callback that queues itself again, and leaves the wait for work in
+        flight to the caller (``"busy"``).
         """
         assert self._loop_patch is not None
         patch = self._loop_patch
@@ -818,48 +844,70 @@ class VirtualClock:
         ready = loop._ready  # type: ignore[attr-defined]
         scheduled = loop._scheduled  # type: ignore[attr-defined]
         result: asyncio.Future[str] = loop.create_future()
-        call_soon = loop.call_soon
         spins = 0
 
-        def probe() -> None:
+        def probe() -> bool:
+            """Look at the instant: whether the loop must not wait (False once it is over)."""
             __tracebackhide__ = True
             nonlocal spins
-            if result.done():
-                return  # the driving coroutine was cancelled
-            if watchdog.blocked is not None:  # a job blocked the loop and was interrupted
-                result.set_result("expired")
-                return
-            if ready or (scheduled and scheduled[0]._when < patch.loop_time):
-                spins += 1
-                # A job that never stops yielding keeps the queue busy: look at the watchdog
-                # now and then (a blocked loop is the watchdog thread's to find).
-                if not spins % _SPINS_PER_LOOK and watchdog.expired():
-                    result.set_result("expired")
-                else:
-                    call_soon(probe)
-                return
-            spins = 0
-            if self._busy():
-                result.set_result("busy")
-                return
+            if result.done():  # set, or the driving coroutine was cancelled
+                if patch.probe is probe:
+                    patch.probe = None
+                return False
             try:
-                self._run_checks()
+                if watchdog.blocked is not None:  # a job blocked the loop and was interrupted
+                    result.set_result("expired")
+                elif ready or (scheduled and scheduled[0]._when < patch.loop_time):
+                    spins += 1
+                    # A job that never stops yielding keeps the queue busy: look at the
+                    # watchdog now and then (a blocked loop is the watchdog thread's to find).
+                    if not spins % _SPINS_PER_LOOK and watchdog.expired():
+                        result.set_result("expired")
+                    return True
+                else:
+                    spins = 0
+                    if not quiescent():
+                        return False  # work in flight: the loop waits for it
             except BaseException as error:  # raised at the clock call's await
                 result.set_exception(error)
-                return
+            if result.done() and patch.probe is probe:
+                patch.probe = None
+            return True
+
+        def quiescent() -> bool:
+            """Check and step at a settled instant; False while counted work is in flight."""
+            __tracebackhide__ = True
+            if self._busy():
+                if not patch.watches_select:
+                    result.set_result("busy")  # a queued probe cannot wait: the caller does
+                elif watchdog.expired():
+                    result.set_result("expired")
+                else:
+                    return False
+                return True
+            self._run_checks()
             if until is not None and until.done():
                 result.set_result("until")
-                return
+                return True
             deadline = self._next_deadline() if move else None
             if deadline is None or (target_us is not None and deadline[0] > target_us):
                 result.set_result("done")
-                return
+                return True
             if deadline[0] > self.now_us:
                 watchdog.progress()
             self._set_now(*deadline)
-            call_soon(probe)
+            return True
 
-        call_soon(probe)
+        if patch.watches_select:
+            patch.probe = probe
+        else:
+            call_soon = loop.call_soon
+
+            def queued() -> None:
+                if probe() and not result.done():
+                    call_soon(queued)
+
+            call_soon(queued)
         return result
 
     def _set_now(self, now_us: int, timer_when: float | None = None) -> None:
@@ -878,13 +926,13 @@ class VirtualClock:
         if not scheduled:
             return None
         head = scheduled[0]
-        if head.cancelled():
+        if head._cancelled:  # the handles' attributes: their methods cost a call per fire
             whens = [handle.when() for handle in scheduled if not handle.cancelled()]
             if not whens:
                 return None
             when = min(whens)
         else:
-            when = head.when()
+            when = head._when
         return self._loop_patch.us_of_loop_time(when), when
 
     def _next_timer_us(self) -> int | None:

@@ -16,7 +16,6 @@ import contextlib
 import contextvars
 import threading
 import time
-import weakref
 from collections.abc import Callable
 from typing import Any
 
@@ -28,6 +27,8 @@ CANCEL_GRACE = 1.0
 # rounds while real I/O (a rollback) may be finishing.
 _IDLE_CYCLES = 3
 _PAUSE = 0.01
+# The size at which the job tasks' record is first rid of its finished tasks.
+_PRUNE_AT = 256
 
 
 class LeftoverWorkError(AssertionError):
@@ -53,9 +54,10 @@ class JobTasks:
     """
 
     def __init__(self) -> None:
-        self._runs: weakref.WeakKeyDictionary[asyncio.Task[Any], RunRef] = (
-            weakref.WeakKeyDictionary()
-        )
+        # A plain dict (one entry per fire: a weak one costs a callback per task), rid of
+        # its finished tasks each time it has doubled since it was last.
+        self._runs: dict[asyncio.Task[Any], RunRef] = {}
+        self._prune_at = _PRUNE_AT
         self._sources: list[Callable[[], list[asyncio.Task[Any]]]] = []
 
     def add_runs(self, source: Callable[[], list[asyncio.Task[Any]]]) -> None:
@@ -66,7 +68,11 @@ class JobTasks:
         """Remember the job run of a task created on the test's loop, if a job created it."""
         run = current_run.get() if context is None else context.get(current_run)
         if run is not None:
-            self._runs[task] = run
+            runs = self._runs
+            runs[task] = run
+            if len(runs) >= self._prune_at:
+                self._runs = {task: run for task, run in runs.items() if not task.done()}
+                self._prune_at = max(_PRUNE_AT, 2 * len(self._runs))
 
     def describe(self, task: asyncio.Task[Any] | None, test_task: asyncio.Task[Any] | None) -> str:
         """What ``task`` is, for messages: a job run, a task a job run started, the test."""

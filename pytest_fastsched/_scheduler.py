@@ -28,7 +28,6 @@ import threading
 import traceback
 import types
 import warnings
-from asyncio import _get_running_loop
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any, Protocol
 
@@ -57,13 +56,15 @@ class Replicas(Protocol):
 # exactly): with ``now == previous fire`` some triggers answer differently (a cron fire at a
 # spring-forward gap instant is returned twice).
 _WAKE_LAG_US = 1
+_WAKE_LAG = dt.timedelta(microseconds=_WAKE_LAG_US)
 
 
 class _LateDatetime:
     """Stands in for ``datetime`` in APScheduler's scheduler and executor modules.
 
-    ``now()`` is the virtual instant plus ``_WAKE_LAG_US``, computed from the clock's integer
-    microseconds (exact, and cheaper than a wall-clock backend's fake classes).
+    ``now()`` is the virtual instant plus ``_WAKE_LAG_US``, computed from the clock's own
+    datetime of the instant (exact, and cheaper than a wall-clock backend's fake classes or
+    a conversion from microseconds).
     """
 
     def __init__(self, wrapped: Any, clock: VirtualClock) -> None:
@@ -78,7 +79,7 @@ class _LateDatetime:
             self._at_us, self._by_zone = now_us, {}
         result = self._by_zone.get(tz)  # one fire asks several times; datetimes are immutable
         if result is None:
-            late = from_us(now_us + _WAKE_LAG_US)
+            late = self._clock.now() + _WAKE_LAG
             result = late.astimezone().replace(tzinfo=None) if tz is None else late.astimezone(tz)
             self._by_zone[tz] = result
         return result
@@ -244,7 +245,6 @@ class SchedulerHarness:
         self._thread_jobs = 0
         """Runs handed to a thread pool and not finished: work in flight for the clock."""
         self._thread_runs: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
-        self._opened: collections.Counter[tuple[str, dt.datetime]] = collections.Counter()
         self._manual_submit = False
         self._internal_start = False
         self._labelled: list[Any] = []
@@ -264,7 +264,7 @@ class SchedulerHarness:
         Call it from a fixture or at the start of the test when the app builds its scheduler
         in a function instead of at import (then leave ``fastsched_scheduler`` unset).
         """
-        from apscheduler.events import EVENT_ALL
+        from apscheduler.events import EVENT_ALL, EVENT_JOB_SUBMITTED
 
         if self.scheduler is scheduler:
             return  # taken over when the app started it
@@ -284,7 +284,8 @@ class SchedulerHarness:
         for job in self._all_jobs():
             self._check_job(job)
         self._reanchor_real_time_jobs()
-        scheduler.add_listener(self._on_event, EVENT_ALL)
+        # Runs are opened when submitted (_label_runs): one listener call per fire less.
+        scheduler.add_listener(self._on_event, EVENT_ALL & ~EVENT_JOB_SUBMITTED)
         self.clock.on_drive(self._release)
         self.clock.on_attach(self._on_loop)
         if self.clock.loop is None and self.autostart and scheduler.state == _stopped():
@@ -458,10 +459,12 @@ class SchedulerHarness:
     def _label_runs(self) -> None:
         """Submit each job run with ``current_run`` set, so the run's task inherits it.
 
-        A run given to a thread pool is opened before the pool gets it: a fast job's
-        EVENT_JOB_EXECUTED, sent from the pool's thread, may come before the scheduler sends
-        EVENT_JOB_SUBMITTED. It is counted as work in flight here unless the pool is a
-        :class:`~._threads.JobThreads`, which counts its own (a job sleeping in it holds none).
+        The run is opened in the run log before its executor gets it (the harness does not
+        listen to EVENT_JOB_SUBMITTED, which would cost a call per fire): a fast job's
+        EVENT_JOB_EXECUTED, sent from a thread pool's thread, may come before the scheduler
+        would send EVENT_JOB_SUBMITTED. A run given to a thread pool is counted as work in
+        flight here unless the pool is a :class:`~._threads.JobThreads`, which counts its
+        own (a job sleeping in it holds none).
         """
         from apscheduler.executors.asyncio import AsyncIOExecutor
 
@@ -480,15 +483,13 @@ class SchedulerHarness:
                 executor: Any = executor,
             ) -> Any:
                 keys = [(job.id, _utc(run_time)) for run_time in run_times]
-                opened = []
-                if threaded:
-                    counted = not isinstance(getattr(executor, "_pool", None), JobThreads)
-                    opened = self._open_thread_runs(keys, counted=counted)
+                counted = threaded and not isinstance(getattr(executor, "_pool", None), JobThreads)
+                opened = self._open_thread_runs(keys, counted=counted)
                 token = current_run.set(RunRef(job.id, keys[0][1], self.replica))
                 try:
                     return submit(job, run_times)
                 except BaseException as error:
-                    self._not_submitted(keys if threaded else [], opened, error)
+                    self._not_submitted(keys, opened, error)
                     raise
                 finally:
                     current_run.reset(token)
@@ -499,6 +500,7 @@ class SchedulerHarness:
     def _open_thread_runs(
         self, keys: list[tuple[str, dt.datetime]], *, counted: bool
     ) -> list[JobRun]:
+        """Open the runs of one submission (to a thread pool or not); ``counted``: in flight."""
         now = self.clock.now()
         opened = []
         with self._lock:
@@ -508,7 +510,6 @@ class SchedulerHarness:
                     self._thread_jobs += 1
                 if not self._manual_submit:  # run_job() opened its run itself
                     opened.append(JobRun(key[0], key[1], now, replica=self.replica))
-                    self._opened[key] += 1
             for run in opened:
                 self._add_open(run)
         return opened
@@ -520,7 +521,6 @@ class SchedulerHarness:
         with self._lock:
             for key in keys:
                 self._thread_jobs -= _decrement(self._thread_runs, key)
-                _decrement(self._opened, key)
             for run in opened:
                 self._drop_open(run)
                 run.finished, run.outcome = self.clock.now(), "error"
@@ -635,9 +635,7 @@ class SchedulerHarness:
         ev = _EVENTS or _events()
         code = event.code
         with self._lock:
-            if code == ev.EVENT_JOB_SUBMITTED:
-                self._on_submitted(event)
-            elif code & _FINISHED:
+            if code & _FINISHED:
                 self._on_finished(event, ev)
             elif code == ev.EVENT_JOB_MAX_INSTANCES:
                 for scheduled in event.scheduled_run_times:
@@ -659,15 +657,8 @@ class SchedulerHarness:
                     self._check_job(job)
         clock = self.clock
         # On the loop's own thread with no clock call waiting, a poke would do nothing.
-        if clock.inflight.waiter is not None or _get_running_loop() is not clock.loop:
+        if clock.inflight.waiter is not None or not clock.on_loop_thread():
             clock.poke()
-
-    def _on_submitted(self, event: Any) -> None:
-        now = self.clock.now()
-        for scheduled in event.scheduled_run_times:
-            if _decrement(self._opened, (event.job_id, _utc(scheduled))):
-                continue  # opened when it was given to its thread pool
-            self._add_open(JobRun(event.job_id, _utc(scheduled), now, replica=self.replica))
 
     def _add_open(self, run: JobRun) -> None:
         self.runs.append(run)
@@ -699,7 +690,8 @@ class SchedulerHarness:
         if run is None:
             run = JobRun(event.job_id, scheduled, None, replica=self.replica)
             self.runs.append(run)
-        self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
+        if self._thread_runs:
+            self._thread_jobs -= _decrement(self._thread_runs, (event.job_id, scheduled))
         run.finished = self.clock.now()
         code = event.code
         if code == ev.EVENT_JOB_EXECUTED and not isinstance(event.retval, types.CoroutineType):

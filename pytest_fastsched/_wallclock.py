@@ -31,6 +31,7 @@ class WallClock(Protocol):
 
 
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.timezone.utc)
+_NAIVE_EPOCH = _EPOCH.replace(tzinfo=None)
 
 
 def to_us(instant: dt.datetime) -> int:
@@ -41,7 +42,7 @@ def to_us(instant: dt.datetime) -> int:
 
 def from_us(us: int) -> dt.datetime:
     """The aware UTC datetime ``us`` microseconds after the Unix epoch."""
-    return _EPOCH + dt.timedelta(microseconds=us)
+    return _EPOCH + dt.timedelta(0, 0, us)  # positional: a third cheaper than microseconds=us
 
 
 def _naive_utc(instant: dt.datetime) -> dt.datetime:
@@ -127,7 +128,8 @@ class FreezegunWallClock:
         self._freezer.undo_changes = kept
 
     def move_to(self, instant: dt.datetime, us: int | None = None) -> None:
-        naive = _naive_utc(instant)
+        # From the microseconds when given: half the cost of converting the aware instant.
+        naive = _naive_utc(instant) if us is None else _NAIVE_EPOCH + dt.timedelta(0, 0, us)
         if self._frozen:
             # What FrozenDateTimeFactory.move_to ends with, without its re-parsing and its
             # type checks (a few microseconds per instant).

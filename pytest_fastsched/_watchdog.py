@@ -37,6 +37,9 @@ STOP_GRACE = 1.0
 """Real seconds the watchdog waits for a stopped thread to end before leaving it behind."""
 # Tries at interrupting a blocked loop: a coroutine that catches JobStopped gets two more.
 _MAX_INTERRUPTS = 3
+# Bound at import: the clock patches time.monotonic (see _jobtime), and its patch, a Python
+# function, would cost the clock a call on every look at the limit.
+_REAL_MONOTONIC = time.monotonic
 
 WALL_CLOCK_HINT = (
     "Under virtual time the wall clock (datetime.now(), time.time()) stands still except "
@@ -98,12 +101,12 @@ class Watchdog:
         describe_task: Callable[[asyncio.Task[Any] | None], str],
     ) -> None:
         self.seconds = seconds
-        self.deadline = time.monotonic() + seconds
+        self.deadline = _REAL_MONOTONIC() + seconds
         self.blocked: Blocked | None = None
         self._loop = loop
         self._loop_thread = threading.get_ident()
         self._describe_task = describe_task
-        self._seen = time.monotonic()
+        self._seen = _REAL_MONOTONIC()
         self._suspect: FrameType | None = None
         self._interrupts = 0
         self._stop = threading.Event()
@@ -113,7 +116,7 @@ class Watchdog:
 
     def _run(self) -> None:
         while not self._stop.wait(TICK):
-            if time.monotonic() - self._seen > self.seconds:
+            if _REAL_MONOTONIC() - self._seen > self.seconds:
                 self._interrupt_loop()
             try:
                 self._loop.call_soon_threadsafe(self._poke)
@@ -121,7 +124,7 @@ class Watchdog:
                 return
 
     def _poke(self) -> None:
-        self._seen = time.monotonic()
+        self._seen = _REAL_MONOTONIC()
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -133,7 +136,7 @@ class Watchdog:
             return
         stack = user_stack(frame, limit=12)
         if not stack:  # in the loop's own machinery, not in user code: not blocked by it
-            self._seen = time.monotonic()
+            self._seen = _REAL_MONOTONIC()
             return
         # Only a frame seen blocking at two ticks in a row: the exception must not land in
         # whatever the loop runs next if the blocking code just returned.
@@ -148,17 +151,17 @@ class Watchdog:
             self.blocked = Blocked(self._describe_task(task), stack, interrupted=True)
         interrupted = raise_in_thread(self._loop_thread, JobStopped)
         self._interrupts += 1
-        self._seen = time.monotonic()  # another limit before trying again
+        self._seen = _REAL_MONOTONIC()  # another limit before trying again
         if first and not interrupted and self.blocked is not None:
             self.blocked = dataclasses.replace(self.blocked, interrupted=False)
 
     def expired(self) -> bool:
         """Whether the limit has passed without progress, or the loop was found blocked."""
-        return self.blocked is not None or time.monotonic() > self.deadline
+        return self.blocked is not None or _REAL_MONOTONIC() > self.deadline
 
     def progress(self) -> None:
         """Time moved on: the limit starts again."""
-        self.deadline = time.monotonic() + self.seconds
+        self.deadline = _REAL_MONOTONIC() + self.seconds
 
     def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
         """Resolve ``waiter`` at the next tick, so that a waiting clock call re-checks."""

@@ -380,7 +380,8 @@ def test_a_background_scheduler_app_under_def_tests(
     )
     section = result.stdout.str().split("test_fails_with_a_job_error_at_the_tests_line _")[1]
     section = section.split("_ test_fails_an_advance_never_awaited _")[0]
-    assert "base_events.py" not in section and "_worlds.py" not in section
+    assert "base_events.py" not in section
+    assert "_worlds.py" not in section
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_an_advance_never_awaited _*",

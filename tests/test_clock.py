@@ -9,9 +9,11 @@ import random
 import threading
 import time
 import warnings
+from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from apscheduler.executors.asyncio import AsyncIOExecutor
 from apscheduler.executors.pool import ThreadPoolExecutor
 from apscheduler.schedulers.asyncio import AsyncIOScheduler
 
@@ -480,6 +482,63 @@ async def test_async_job_on_thread_pool_is_an_error(
         "it in a thread, get a coroutine back and report success without running it. Run it "
         "on the AsyncIOScheduler's default executor (remove executor=...)."
     ) in str(excinfo.value)
+
+
+async def test_time_moves_on_a_loop_whose_select_another_library_patched(
+    fastsched_clock_backend: str,
+) -> None:
+    # The clock steps from the selector's select() when it can patch it; when it cannot (a
+    # patch already there), from a loop callback that waits for work in flight the slow way.
+    loop = asyncio.get_running_loop()
+    selector = loop._selector  # type: ignore[attr-defined]
+    selector.select = selector.select  # an instance attribute, as another patch leaves
+    clock = VirtualClock(start=START, backend=fastsched_clock_backend)
+    clock.start()
+    try:
+        harness = SchedulerHarness(clock)
+        scheduler = AsyncIOScheduler(timezone="UTC")
+        seen: list[dt.datetime] = []
+
+        async def job() -> None:
+            # Work in flight on a thread holds the clock until it ends.
+            seen.append(await asyncio.to_thread(dt.datetime.now, UTC))
+
+        scheduler.add_job(job, "interval", minutes=5, id="tick")
+        harness.attach(scheduler)
+        clock.attach()
+        assert clock._loop_patch is not None
+        assert not clock._loop_patch.watches_select
+        await clock.advance(hours=1)
+        expected = [START + dt.timedelta(minutes=5 * n) for n in range(1, 13)]
+        assert seen == expected
+        assert harness.run_times("tick") == expected
+        harness.close()
+    finally:
+        clock.close()
+        del selector.select
+
+
+class _RefusingExecutor(AsyncIOExecutor):
+    def _do_submit_job(self, job: Any, run_times: list[dt.datetime]) -> Any:
+        raise RuntimeError("no room")
+
+
+async def test_a_run_the_async_executor_refuses_is_a_job_error(
+    fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
+) -> None:
+    # The run is opened before its executor gets it; APScheduler only logs the refusal.
+    async def tick() -> None:
+        pass
+
+    scheduler.add_executor(_RefusingExecutor(), "refusing")
+    scheduler.add_job(tick, "interval", minutes=5, id="tick", executor="refusing")
+    with pytest.raises(JobRunError) as excinfo:
+        await fastsched_clock.advance(minutes=5)
+    assert (
+        "job 'tick' (scheduled 2030-01-01T00:05:00+00:00) raised JobRunError: job 'tick' "
+        "could not be given to its executor: RuntimeError: no room"
+    ) in str(excinfo.value)
+    assert [run.outcome for run in fastsched_scheduler.runs_of("tick")] == ["error"]
 
 
 async def _imported_tick() -> None:
