@@ -92,8 +92,9 @@ class World:
         try:
             return loop.run_until_complete(make())
         except BaseException as failed:
-            # As in an async test, the failure shows the test's line, not the loop's frames.
-            raise failed.with_traceback(_without_asyncio(failed.__traceback__))  # noqa: B904 (the same error, its causes kept)
+            # As in an async test, the failure shows the test's line, not the loop's frames
+            # (the same error, its causes kept).
+            raise failed.with_traceback(_without_asyncio(failed.__traceback__))  # noqa: B904
 
     def _note(self, what: str, coro: Coroutine[Any, Any, _T]) -> Coroutine[Any, Any, _T]:
         """Keep ``coro`` until the end of the test, when one never awaited fails it."""
