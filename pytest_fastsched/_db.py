@@ -162,6 +162,30 @@ class Databases:
 # -- the fixture's object ------------------------------------------------------------------
 
 
+class _AsyncOnly:
+    """``fastsched_db.background_session()``: an async context manager, and a clear error
+    for ``with`` (a ``def`` test)."""
+
+    def __init__(self, manager: contextlib.AbstractAsyncContextManager[AsyncSession]) -> None:
+        self._manager = manager
+
+    async def __aenter__(self) -> AsyncSession:
+        return await self._manager.__aenter__()
+
+    async def __aexit__(self, *exc_info: Any) -> bool | None:
+        return await self._manager.__aexit__(*exc_info)
+
+    def __enter__(self) -> None:
+        raise TypeError(
+            "fastsched_db.background_session() is an async session: use it with `async with` "
+            "in an async def test; a def test opens the app's own sync sessions "
+            "(with SessionLocal() as session:)"
+        )
+
+    def __exit__(self, *exc_info: Any) -> None:
+        """Never reached: :meth:`__enter__` raises."""
+
+
 def _both_worlds(
     method: Callable[Concatenate[Database, _P], Coroutine[Any, Any, _T]],
 ) -> Callable[Concatenate[Database, _P], Awaitable[_T]]:
@@ -235,15 +259,19 @@ class Database:
         before. Under rollback isolation they run on the test connection instead."""
         return self._databases.testdb.made_sync_engine
 
-    @contextlib.asynccontextmanager
-    async def background_session(self) -> AsyncIterator[AsyncSession]:
+    def background_session(self) -> _AsyncOnly:
         """A session from the app's sessionmaker that commits at the end, as jobs open them.
 
         Equivalent to the app pattern ``async with get_background_session() as session:``:
         commits when the block ends, rolls back when it raises. Without
-        ``fastsched_sessionmaker`` the session comes from a sessionmaker with
-        ``expire_on_commit=False``.
+        ``fastsched_sessionmaker``, or when it names a sync sessionmaker, the session comes
+        from an async sessionmaker with ``expire_on_commit=False``. Async only: a ``def``
+        test uses the app's own sync sessions.
         """
+        return _AsyncOnly(self._background_session())
+
+    @contextlib.asynccontextmanager
+    async def _background_session(self) -> AsyncIterator[AsyncSession]:
         self._state.check_loop()
         async with self._sessionmaker()() as session:
             try:
@@ -254,8 +282,9 @@ class Database:
                 raise
 
     def _sessionmaker(self) -> _rebind.AnySessionmaker:
-        if self._databases.sessionmaker is not None:
-            return self._databases.sessionmaker
+        maker = self._databases.sessionmaker
+        if maker is not None and not _rebind.is_sync(maker):
+            return maker
         if self._default_maker is None:
             bind = self._connection if self._connection is not None else self.engine
             self._default_maker = async_sessionmaker(

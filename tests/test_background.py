@@ -271,6 +271,22 @@ def test_a_stuck_job_is_stopped_by_the_watchdog(fastsched_clock, fastsched_sched
         release.set()
 
 
+def test_the_async_background_session_names_the_sync_one_in_a_def_test(fastsched_db):
+    with pytest.raises(TypeError) as excinfo, fastsched_db.background_session():
+        pass
+    assert str(excinfo.value) == (
+        "fastsched_db.background_session() is an async session: use it with `async with` in "
+        "an async def test; a def test opens the app's own sync sessions (with SessionLocal() "
+        "as session:)"
+    )
+
+
+async def test_the_background_session_of_a_sync_app_is_async(fastsched_db):
+    async with fastsched_db.background_session() as session:
+        session.add(app.Item(id=5))
+    assert await fastsched_db.status_of("items", 5) == "pending"
+
+
 def test_the_public_name_of_the_error():
     from pytest_fastsched._worlds import NotAwaitedError as home
 
@@ -369,7 +385,7 @@ def test_a_background_scheduler_app_under_def_tests(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
-    result.assert_outcomes(passed=17, failed=2, errors=2)
+    result.assert_outcomes(passed=19, failed=2, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_with_a_job_error_at_the_tests_line _*",
