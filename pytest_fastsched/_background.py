@@ -15,7 +15,6 @@ stopped first.
 from __future__ import annotations
 
 import asyncio
-import functools
 from collections.abc import Callable
 from typing import Any
 
@@ -95,7 +94,11 @@ _CLASSES: dict[type, type] = {}
 
 
 def _loop_class(original: type) -> type:
-    """The subclass of ``original`` (a ``BackgroundScheduler`` class) that runs on a loop."""
+    """The subclass of ``original`` (a ``BackgroundScheduler`` class) that runs on a loop:
+    ``AsyncIOScheduler``'s own wake-up and timer, a start the harness routes, a shutdown
+    made on the loop."""
+    from apscheduler.schedulers.asyncio import AsyncIOScheduler, run_in_event_loop
+
     cls = _CLASSES.get(original)
     if cls is None:
         namespace = {
@@ -105,23 +108,13 @@ def _loop_class(original: type) -> type:
             "_eventloop": None,
             "_timeout": None,
             "start": _start,
-            "shutdown": _on_loop(_shutdown),
-            "wakeup": _on_loop(_wakeup),
-            "_start_timer": _start_timer,
-            "_stop_timer": _stop_timer,
+            "shutdown": run_in_event_loop(_shutdown),
+            "wakeup": AsyncIOScheduler.wakeup,
+            "_start_timer": AsyncIOScheduler._start_timer,
+            "_stop_timer": AsyncIOScheduler._stop_timer,
         }
         cls = _CLASSES[original] = type(original.__name__, (original,), namespace)
     return cls
-
-
-def _on_loop(body: Callable[..., None]) -> Callable[..., None]:
-    """``body`` called on the scheduler's loop, from any thread (``run_in_event_loop``)."""
-
-    @functools.wraps(body)
-    def call(self: Any, *args: Any, **kwargs: Any) -> None:
-        self._eventloop.call_soon_threadsafe(functools.partial(body, self, *args, **kwargs))
-
-    return call
 
 
 def _start(self: Any, paused: bool = False) -> Any:
@@ -133,20 +126,3 @@ def _shutdown(self: Any, wait: bool = True) -> None:
 
     BaseScheduler.shutdown(self, wait)
     self._stop_timer()
-
-
-def _wakeup(self: Any) -> None:
-    self._stop_timer()
-    self._start_timer(self._process_jobs())
-
-
-def _start_timer(self: Any, wait_seconds: float | None) -> None:
-    self._stop_timer()
-    if wait_seconds is not None:
-        self._timeout = self._eventloop.call_later(wait_seconds, self.wakeup)
-
-
-def _stop_timer(self: Any) -> None:
-    if self._timeout:
-        self._timeout.cancel()
-        del self._timeout
