@@ -181,7 +181,7 @@ def _app_dbapi(
     return psycopg
 
 
-def app_error(error: BaseException, dbapi: Any) -> BaseException:
+def app_error(error: DBAPIError, dbapi: Any) -> BaseException:
     """``error`` (raised on the test connection) as the app's driver ``dbapi`` raises it.
 
     A SQLAlchemy ``DBAPIError`` of asyncpg's becomes the one SQLAlchemy raises for the same
@@ -189,14 +189,14 @@ def app_error(error: BaseException, dbapi: Any) -> BaseException:
     statement timeout, where asyncpg's is a bare ``DBAPIError``; the message keeps the
     server's, with its DETAIL and HINT lines as psycopg shows them.
     """
-    orig = getattr(error, "orig", None)
-    sqlstate = getattr(orig, "sqlstate", None) or getattr(
-        getattr(orig, "__cause__", None), "sqlstate", None
-    )
-    if dbapi is None or not isinstance(error, DBAPIError) or not sqlstate:
+    orig = error.orig
+    if dbapi is None or orig is None:
         return error
-    cause = getattr(orig, "__cause__", None) or orig
-    message = str(getattr(cause, "args", [""])[0] if getattr(cause, "args", None) else cause)
+    cause = orig.__cause__ or orig  # asyncpg's own error, behind SQLAlchemy's adapter
+    sqlstate = getattr(orig, "sqlstate", None) or getattr(cause, "sqlstate", None)
+    if not sqlstate:
+        return error
+    message = str(cause.args[0]) if cause.args else str(cause)
     for label, part in (("DETAIL", "detail"), ("HINT", "hint")):
         value = getattr(cause, part, None)
         if value:
@@ -212,7 +212,6 @@ def app_error(error: BaseException, dbapi: Any) -> BaseException:
         dbapi.Error,
         connection_invalidated=error.connection_invalidated,
     )
-    translated.__cause__ = getattr(translated, "orig", None)
     return translated
 
 
@@ -460,7 +459,7 @@ class _SyncJoined(_JoinedConnection):
             translated = app_error(error, self._bridge.dbapi)
             if translated is error:
                 raise
-            raise translated from translated.__cause__
+            raise translated from getattr(translated, "orig", None)
 
     def _execute_context(self, *args: Any, **kwargs: Any) -> Any:
         return self._on_loop(super()._execute_context, *args, **kwargs)
