@@ -351,6 +351,10 @@ async def test_fails_an_advance_never_awaited(fastsched_clock):
     fastsched_clock.advance(minutes=5)
 
 
+async def test_fails_an_insert_never_awaited(fastsched_db):
+    fastsched_db.insert("items", [{"id": 9}])
+
+
 @pytest.fixture
 def moved_in_a_sync_fixture(fastsched_clock):
     fastsched_clock.advance(minutes=1)
@@ -385,7 +389,7 @@ def test_a_background_scheduler_app_under_def_tests(
         """
     )
     result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=120)
-    result.assert_outcomes(passed=19, failed=2, errors=2)
+    result.assert_outcomes(passed=19, failed=3, errors=2)
     result.stdout.fnmatch_lines(
         [
             "*_ test_fails_with_a_job_error_at_the_tests_line _*",
@@ -404,6 +408,14 @@ def test_a_background_scheduler_app_under_def_tests(
             "E *NotAwaitedError: fastsched: fastsched_clock.advance() returned a coroutine that "
             "the test never awaited: it did nothing. In an async def test write `await "
             "fastsched_clock.advance(...)`.",
+        ]
+    )
+    result.stdout.fnmatch_lines(
+        [
+            "*_ test_fails_an_insert_never_awaited _*",
+            "E *NotAwaitedError: fastsched: fastsched_db.insert() returned a coroutine that the "
+            "test never awaited: it did nothing. In an async def test write `await "
+            "fastsched_db.insert(...)`.",
         ]
     )
     result.stdout.fnmatch_lines(
