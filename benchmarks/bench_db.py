@@ -17,6 +17,13 @@ of each side (their median), the sides in A B B A order (see ``abba.py``):
 - create_all/drop_all: the schema created and dropped around each test.
 - TRUNCATE: the tables emptied after each test, on a pooled connection of one loop (SQLite
   has no TRUNCATE: DELETE FROM each).
+- TRUNCATE, new loop per test: the same in pytest-asyncio's default configuration, as a suite
+  without the plugin does it: a new loop per test, whose asyncpg connection is its own
+  (a ``NullPool`` engine: a new connection to the server in each test).
+
+The ratios: TRUNCATE on one loop against rollback with a new loop per test (the plugin's
+default configuration against the cheapest TRUNCATE), and TRUNCATE against rollback each in
+the default configuration (both with a new loop per test).
 
 PostgreSQL is the plugin's ephemeral server (unix socket, fsync off). The figures and the
 load average of the last run are in benchmarks/README.md.
@@ -33,7 +40,8 @@ from collections.abc import Awaitable, Callable
 
 import abba
 from sqlalchemy import Column, DateTime, ForeignKey, Index, Integer, MetaData, String, Table
-from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker
+from sqlalchemy.ext.asyncio import AsyncEngine, async_sessionmaker, create_async_engine
+from sqlalchemy.pool import NullPool
 
 from pytest_fastsched import _db, _options
 
@@ -86,6 +94,7 @@ SIDES = (
     "commit (DELETE)",
     "create_all/drop_all",
     "TRUNCATE (SQLite: DELETE)",
+    "TRUNCATE, new loop per test",
 )
 
 
@@ -140,6 +149,7 @@ class Bench:
         self.tests = tests
         self.loop = asyncio.new_event_loop()
         self.engine = self.loop.run_until_complete(self._setup())
+        self.own_connections = create_async_engine(self.engine.url, poolclass=NullPool)
 
     async def _setup(self) -> AsyncEngine:
         await self.databases.setup()
@@ -148,7 +158,9 @@ class Bench:
     def measure(self, side: str) -> float:
         """The median of one round's tests of ``side``, in seconds."""
         if side == "rollback, new loop per test":
-            return self._new_loop_per_test()
+            return self._new_loop_per_test(isolated(self.databases, "rollback"))
+        if side == "TRUNCATE, new loop per test":
+            return self._new_loop_per_test(truncate(self.own_connections))
         return self.loop.run_until_complete(self._in_one_loop(side))
 
     async def _in_one_loop(self, side: str) -> float:
@@ -167,13 +179,13 @@ class Bench:
         }
         return await median_of(steps[side], self.tests)
 
-    def _new_loop_per_test(self) -> float:
+    def _new_loop_per_test(self, step: Step) -> float:
         durations = []
         for _ in range(self.tests):
             loop = asyncio.new_event_loop()
             try:
                 start = time.perf_counter()
-                loop.run_until_complete(isolated(self.databases, "rollback")())
+                loop.run_until_complete(step())
                 loop.run_until_complete(loop.shutdown_asyncgens())  # ends the loop's pool share
                 durations.append(time.perf_counter() - start)
             finally:
@@ -181,6 +193,7 @@ class Bench:
         return statistics.median(durations)
 
     def close(self) -> None:
+        self.loop.run_until_complete(self.own_connections.dispose())
         self.loop.run_until_complete(self.loop.shutdown_asyncgens())
         self.loop.close()
         self.databases.close()
@@ -205,7 +218,12 @@ def report(name: str, results: dict[str, list[float]]) -> None:
         print(f"| {side} | {abba.ms(results[side])} |")
     rollback, new_loop = results["rollback"], results["rollback, new loop per test"]
     truncate = results["TRUNCATE (SQLite: DELETE)"]
+    truncate_new_loop = results["TRUNCATE, new loop per test"]
     print(f"| TRUNCATE / rollback, new loop per test | {abba.ratio(truncate, new_loop)} |")
+    print(
+        "| TRUNCATE / rollback, both with a new loop per test | "
+        f"{abba.ratio(truncate_new_loop, new_loop)} |"
+    )
     print(f"| TRUNCATE / rollback | {abba.ratio(truncate, rollback)} |")
     print(
         "| create_all/drop_all / rollback | "

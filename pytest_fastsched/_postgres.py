@@ -225,7 +225,7 @@ def cleanup_stale(base_dir: Path | None = None) -> list[Path]:
     removed = []
     for directory in sorted(_base(base_dir).glob(f"{DIR_PREFIX}*")):
         owner_pid = _owner_pid(directory)
-        if directory.is_dir() and owner_pid is not None and not _pid_alive(owner_pid):
+        if directory.is_dir() and owner_pid is not None and not pid_alive(owner_pid):
             _remove_server(directory)
             removed.append(directory)
     return removed
@@ -355,7 +355,7 @@ def _postmaster_pid(directory: Path) -> int | None:
         return None
     proc = Path("/proc")
     if not proc.is_dir():
-        return pid if _pid_alive(pid) else None
+        return pid if pid_alive(pid) else None
     try:
         cmdline = (proc / str(pid) / "cmdline").read_bytes()
     except OSError:
@@ -364,7 +364,8 @@ def _postmaster_pid(directory: Path) -> int | None:
     return pid if os.fsencode(directory.name) in cmdline else None
 
 
-def _pid_alive(pid: int) -> bool:
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` runs (a zombie does not)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -385,7 +386,7 @@ def _is_zombie(pid: int) -> bool:
 
 def _wait_for_exit(pid: int, timeout: float) -> bool:
     deadline = time.monotonic() + timeout
-    while _pid_alive(pid):
+    while pid_alive(pid):
         if time.monotonic() > deadline:
             return False
         time.sleep(0.01)

@@ -35,6 +35,7 @@ from urllib.parse import parse_qs, unquote, urlsplit
 
 import pytest
 
+from pytest_fastsched._backends import real_address
 from pytest_fastsched._isolation import DatabaseGuardError
 from pytest_fastsched._options import Settings, failure, marker_options
 from pytest_fastsched._records import current_request, current_run
@@ -142,7 +143,7 @@ def postgres_target(
     user_name = str(user or os.environ.get("PGUSER") or "")
     name = str(database or os.environ.get("PGDATABASE") or user_name)
     if host_name.startswith("/"):
-        host_name = os.path.realpath(host_name)
+        host_name, port_number = real_address(os.path.realpath(host_name), port_number)
     return Target("postgresql", host=host_name, port=port_number, database=name, user=user_name)
 
 

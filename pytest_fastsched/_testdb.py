@@ -9,10 +9,12 @@
   the workers; scratch databases carry their creator, so a later run drops those of killed
   runs.
 
-Engines belong to the event loop that made them (asyncpg connections cannot move between
-loops), so there is one engine per loop, made on first use in that loop and disposed when the
-loop shuts down (an asynchronous generator parked in the loop is closed by
-``loop.shutdown_asyncgens()``, which ``asyncio.Runner`` calls before closing the loop).
+One test engine serves every event loop, its connections pooled per loop (asyncpg's cannot
+move between loops), each loop's share ended when the loop shuts down (an asynchronous
+generator parked in the loop is closed by ``loop.shutdown_asyncgens()``, which
+``asyncio.Runner`` calls before closing the loop). On a PostgreSQL server reached over a unix
+socket, the backends of those connections are kept for the next loop
+(:mod:`pytest_fastsched._backends`).
 
 What a test may do with the database, and what is undone after it, is
 :mod:`pytest_fastsched._isolation`'s business; the object tests see is
@@ -43,7 +45,7 @@ from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_en
 from sqlalchemy.pool import AsyncAdaptedQueuePool, ConnectionPoolEntry, NullPool
 from sqlalchemy.util.queue import Empty
 
-from pytest_fastsched import _dbclock, _options, _postgres, _schema
+from pytest_fastsched import _backends, _dbclock, _options, _postgres, _schema
 from pytest_fastsched._options import describe, failure
 
 RUN_ID_INPUT = "fastsched_run_id"
@@ -165,10 +167,12 @@ class LoopPool(AsyncAdaptedQueuePool):
     loop of the process, and each loop's connections are pooled apart.
 
     asyncpg connections belong to the loop that made them: a loop's idle connections are
-    closed when it ends (:meth:`end_loop`). Connections of drivers bound to no loop (aiosqlite)
-    pass to the next loop instead, so that a suite with a new loop per test (pytest-asyncio's
-    default) does not connect again for each test. Pool options (``pool_size``,
-    ``max_overflow``, ``pool_timeout``, ``pool_pre_ping``, ``pool_recycle``) apply per loop.
+    closed when it ends (:meth:`end_loop`), their server backends kept by the
+    :class:`~pytest_fastsched._backends.BackendKeeper` where there is one. Connections of
+    drivers bound to no loop (aiosqlite) pass to the next loop instead, so that a suite with a
+    new loop per test (pytest-asyncio's default) does not connect again for each test. Pool
+    options (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_pre_ping``,
+    ``pool_recycle``) apply per loop.
     """
 
     def __init__(self, creator: Any, **options: Any) -> None:
@@ -377,7 +381,7 @@ def _stale(comment: str) -> bool:
     if not comment.startswith(_OWNER_PREFIX):
         return False  # not ours, or made before scratch databases were marked
     host, _, pid = comment.removeprefix(_OWNER_PREFIX).rpartition(":")
-    return host == socket.gethostname() and pid.isdigit() and not _postgres._pid_alive(int(pid))
+    return host == socket.gethostname() and pid.isdigit() and not _postgres.pid_alive(int(pid))
 
 
 def _template_name(run_id: str) -> str:
@@ -516,6 +520,7 @@ class TestDatabase:
         self._engine: AsyncEngine | None = None
         self._engines: dict[asyncio.AbstractEventLoop, _LoopEngine] = {}
         self._sync_engine: Engine | None = None
+        self._keeper: _backends.BackendKeeper | None = None
         self.database_clock = (
             _dbclock.DatabaseClock(self.dialect) if settings.database_clock == "virtual" else None
         )
@@ -633,7 +638,22 @@ class TestDatabase:
             ) from None
         if clock is not None:
             clock.listen(engine)
+        keeper = self._backend_keeper(engine)
+        if keeper is not None:
+            event.listen(engine.sync_engine, "do_connect", _redirect_to(keeper))
         return engine
+
+    def _backend_keeper(self, engine: AsyncEngine) -> _backends.BackendKeeper | None:
+        """The keeper of the server's backends across loops: asyncpg to a server on a unix
+        socket (the plugin's own, or one whose URL names a socket directory)."""
+        if engine.dialect.driver != "asyncpg":
+            return None
+        if self._keeper is None:
+            server = _unix_socket(engine.url)
+            if server is None:
+                return None
+            self._keeper = _backends.BackendKeeper(*server)
+        return self._keeper
 
     def sync_engine(self) -> Engine:
         """The sync engine of the test database, for the app's sync sessions under commit
@@ -666,7 +686,7 @@ class TestDatabase:
             yield
         finally:
             self._engines.pop(loop, None)
-            await _release(loop, engine)
+            await _release(loop, engine, self._keeper)
 
     # -- emptied after a test of commit isolation
 
@@ -693,7 +713,7 @@ class TestDatabase:
         """Dispose leftover engines, drop the scratch databases, stop an owned server."""
         for loop, entry in list(self._engines.items()):
             if not loop.is_closed() and not loop.is_running():
-                loop.run_until_complete(_release(loop, entry.engine))
+                loop.run_until_complete(_release(loop, entry.engine, self._keeper))
         self._engines.clear()
         engine, self._engine = self._engine, None
         if engine is not None:
@@ -701,6 +721,9 @@ class TestDatabase:
         sync_engine, self._sync_engine = self._sync_engine, None
         if sync_engine is not None:
             sync_engine.dispose()
+        keeper, self._keeper = self._keeper, None
+        if keeper is not None:
+            keeper.close()
         location, self._location = self._location, None
         if isinstance(location, _SqliteLocation):
             location.remove()
@@ -713,8 +736,13 @@ class TestDatabase:
             self.database_clock.close()
 
 
-async def _release(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None:
-    """The end of ``loop``: its share of ``engine``'s pool, or its own engine."""
+async def _release(
+    loop: asyncio.AbstractEventLoop,
+    engine: AsyncEngine,
+    keeper: _backends.BackendKeeper | None,
+) -> None:
+    """The end of ``loop``: its share of ``engine``'s pool, or its own engine; the backends
+    its connections used are kept for the next loop."""
     pool = engine.sync_engine.pool
     if isinstance(pool, LoopPool):
         pool.end_loop(loop)
@@ -723,6 +751,24 @@ async def _release(loop: asyncio.AbstractEventLoop, engine: AsyncEngine) -> None
         await asyncio.sleep(0)
     else:
         await engine.dispose()
+    if keeper is not None:
+        keeper.end_loop(loop)
+
+
+def _unix_socket(url: sqlalchemy.URL) -> tuple[Path, int] | None:
+    """The socket directory and port of a PostgreSQL URL's server, if it is on a unix socket."""
+    host = url.query.get("host") or url.host or ""
+    port = url.query.get("port") or url.port or _postgres.PORT
+    if not isinstance(host, str) or not isinstance(port, (str, int)) or not host.startswith("/"):
+        return None
+    return Path(host), int(port)
+
+
+def _redirect_to(keeper: _backends.BackendKeeper) -> Any:
+    def redirect(_dialect: Any, _record: Any, _args: Any, parameters: dict[str, Any]) -> None:
+        keeper.redirect(parameters)
+
+    return redirect
 
 
 def _check_metadata(metadata: object, path: str) -> MetaData:

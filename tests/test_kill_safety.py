@@ -215,8 +215,8 @@ def test_the_next_run_removes_the_server_of_a_killed_run(
     (directory,) = stale_servers.glob(f"{_postgres.DIR_PREFIX}*")
     postmaster = _postgres._postmaster_pid(directory)
     assert postmaster is not None
-    assert _postgres._pid_alive(postmaster)
+    assert _postgres.pid_alive(postmaster)
 
     _run_again(pytester, "rollback")
     assert list(stale_servers.glob(f"{_postgres.DIR_PREFIX}*")) == []
-    assert not _postgres._pid_alive(postmaster)
+    assert not _postgres.pid_alive(postmaster)
