@@ -296,13 +296,13 @@ class _Backend:
     def begin_reset(self, status: int) -> bool:
         """Send the reset queries (answered when the backend is next taken); False if the
         socket refused them."""
-        queries = b"" if status == _IDLE else _query("ROLLBACK")
-        queries += _query("DISCARD ALL")
+        statements = ["DISCARD ALL"] if status == _IDLE else ["ROLLBACK", "DISCARD ALL"]
+        queries = b"".join(_query(statement) for statement in statements)
         try:
             sent = self.sock.send(queries)
         except OSError:
             return False
-        self._answers_due = queries.count(b"Q")
+        self._answers_due = len(statements)
         return sent == len(queries)
 
     async def settle(self, loop: asyncio.AbstractEventLoop) -> bool:

@@ -250,6 +250,28 @@ def test_a_server_that_is_gone_is_a_connection_failure_naming_its_socket(
         keeper.close()
 
 
+def test_a_client_that_never_starts_up_is_told_so(
+    keeper: _backends.BackendKeeper,
+    postgres_server: EphemeralPostgres,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(_backends, "STARTUP_TIMEOUT", 0.2)
+
+    async def stay_silent(keeper: _backends.BackendKeeper) -> bytes:
+        parameters: dict[str, Any] = {}
+        keeper.redirect(parameters)
+        path = f"{parameters['host']}/.s.PGSQL.{parameters['port']}"
+        reader, writer = await asyncio.open_unix_connection(path)
+        answer = await reader.read()  # until the keeper closes the connection
+        writer.close()
+        return answer
+
+    answer = in_a_loop_of_its_own(keeper, stay_silent)
+    socket_path = f"{postgres_server.directory}/.s.PGSQL.{_postgres.PORT}"
+    assert answer.startswith(b"E")  # a FATAL ErrorResponse, and the connection closed
+    assert f"M{socket_path}: no answer to the startup within 0.2 s\x00".encode() in answer
+
+
 def test_encryption_is_refused_as_the_server_refuses_it(
     keeper: _backends.BackendKeeper,
 ) -> None:
