@@ -6,7 +6,9 @@
    at most 1.5x), and against APScheduler's own work for the same day: the scheduler, not
    started, its ``_process_jobs()`` called at each minute under the same wall clock, each run
    given to its own ``ThreadPoolExecutor`` and waited for (trigger arithmetic, job store,
-   the pool's thread hand-off and done callback: what any harness pays). Beside it, in the
+   the pool's thread hand-off and done callback: what any harness pays), and against the
+   body handed to a ``ThreadPoolExecutor`` and waited for 1440 times with no scheduler at all
+   (the floor of running the job on a thread pool, as APScheduler does). Beside it, in the
    same run, the async figure of ``bench_clock.py``: an ``AsyncIOScheduler``'s ``async def``
    job doing the round trip through aiosqlite, against awaiting its body 1440 times.
 2. The sync job through the plugin's rollback isolation, as a test with ``fastsched_db``
@@ -28,6 +30,7 @@ import tempfile
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,17 @@ def _apscheduler_own(body: Callable[[], None], backend: str) -> float:
     return elapsed
 
 
+def _thread_pool_alone(body: Callable[[], None]) -> float:
+    """Seconds of handing ``body`` to a thread pool and waiting for it, 1440 times: the floor
+    of any harness that runs a job on the scheduler's thread pool, before any scheduling."""
+    with ThreadPoolExecutor(max_workers=10) as pool:
+        pool.submit(body).result()
+        began = time.perf_counter()
+        for _ in range(FIRES):
+            pool.submit(body).result()
+        return time.perf_counter() - began
+
+
 def _plain(body: Callable[[], None]) -> float:
     began = time.perf_counter()
     for _ in range(FIRES):
@@ -135,6 +149,8 @@ async def days(sync_engine: Engine, async_engine: AsyncEngine, rounds: int) -> N
     async def sync_side(side: str) -> float:
         if side == "plain":
             return _plain(body)
+        if side == "thread pool":
+            return _thread_pool_alone(body)
         if side.startswith("apscheduler "):
             return _apscheduler_own(body, side.split()[1])
         return await _virtual_day(BackgroundScheduler(timezone="UTC"), body, side)
@@ -148,10 +164,16 @@ async def days(sync_engine: Engine, async_engine: AsyncEngine, rounds: int) -> N
         return await _virtual_day(AsyncIOScheduler(timezone="UTC"), job, side)
 
     own = tuple(f"apscheduler {backend}" for backend in BACKENDS)
-    sync = await abba.alternate_async(sync_side, ("plain", *BACKENDS, *own), rounds)
+    sync_sides = ("plain", "thread pool", *BACKENDS, *own)
+    sync = await abba.alternate_async(sync_side, sync_sides, rounds)
     asynchronous = await abba.alternate_async(async_side, ("plain", *BACKENDS), rounds)
     print("| measure | median (range) | ratio: median (range) |")
     print("|---|---|---|")
+    print(
+        "| the sync body handed to a thread pool and waited for, 1440 times (no scheduler) | "
+        f"{abba.ms(sync['thread pool'], 0)} | "
+        f"{abba.ratio(sync['thread pool'], sync['plain'])} of plain |"
+    )
     for backend in BACKENDS:
         print(
             f"| APScheduler's own work for the sync day (its thread pool), {backend} | "
