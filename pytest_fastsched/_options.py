@@ -29,6 +29,7 @@ ISOLATION_MODES = ("rollback", "commit")
 JOB_ERROR_MODES = ("raise", "record")
 PREPARED_STATEMENT_MODES = ("ignore", "check", "record")
 DATABASE_CLOCKS = ("virtual", "real")
+POSTGRES_BACKENDS = ("keep", "new")
 DEFAULT_START = dt.datetime(2030, 1, 1, tzinfo=dt.timezone.utc)
 
 ClockBackendName = Literal["freezegun", "time-machine"]
@@ -36,6 +37,7 @@ IsolationMode = Literal["rollback", "commit"]
 JobErrorMode = Literal["raise", "record"]
 PreparedStatementMode = Literal["ignore", "check", "record"]
 DatabaseClock = Literal["virtual", "real"]
+PostgresBackends = Literal["keep", "new"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -126,6 +128,13 @@ OPTIONS: tuple[Option, ...] = (
         default="virtual",
     ),
     Option(
+        "postgres_backends",
+        "'keep' (default): on a PostgreSQL server reached over a unix socket, the test "
+        "engine's backends are reset and kept from one event loop to the next; 'new': a new "
+        "server backend for each new connection",
+        default="keep",
+    ),
+    Option(
         "clock_backend",
         "wall-clock backend: 'time-machine' (default) or 'freezegun'",
         default="time-machine",
@@ -192,6 +201,7 @@ class Settings:
     isolation: IsolationMode = "rollback"
     allow_databases: tuple[str, ...] = ()
     database_clock: DatabaseClock = "virtual"
+    postgres_backends: PostgresBackends = "keep"
 
     @property
     def sessionmakers(self) -> tuple[str, ...]:
@@ -351,6 +361,9 @@ def load_settings(config: pytest.Config) -> Settings:
         database_clock=_choice(  # type: ignore[arg-type]
             by_name["database_clock"], raw["database_clock"] or "", DATABASE_CLOCKS
         ),
+        postgres_backends=_choice(  # type: ignore[arg-type]
+            by_name["postgres_backends"], raw["postgres_backends"] or "", POSTGRES_BACKENDS
+        ),
     )
     _check_schema_sources(settings)
     _check_database_url(settings.database)
@@ -418,6 +431,8 @@ def report_header(settings: Settings, rootpath: Path) -> list[str]:
         )
     if settings.database_clock != "virtual":
         lines.append(f"fastsched database clock: {settings.database_clock}")
+    if settings.postgres_backends != "keep":
+        lines.append(f"fastsched postgres backends: {settings.postgres_backends}")
     return lines
 
 

@@ -645,8 +645,9 @@ class TestDatabase:
 
     def _backend_keeper(self, engine: AsyncEngine) -> _backends.BackendKeeper | None:
         """The keeper of the server's backends across loops: asyncpg to a server on a unix
-        socket (the plugin's own, or one whose URL names a socket directory)."""
-        if engine.dialect.driver != "asyncpg":
+        socket (the plugin's own, or one whose URL names a socket directory), unless
+        ``fastsched_postgres_backends = new``."""
+        if engine.dialect.driver != "asyncpg" or self.settings.postgres_backends == "new":
             return None
         if self._keeper is None:
             server = _unix_socket(engine.url)

@@ -392,7 +392,23 @@ def test_a_suite_with_a_loop_per_test_keeps_one_backend_clean(
     db_suite: pytest.Pytester,
 ) -> None:
     db_suite.makepyfile(test_kept=KEPT_BACKENDS)
-    db_suite.runpytest_subprocess("-p", "no:randomly").assert_outcomes(passed=3)
+    result = db_suite.runpytest_subprocess("-p", "no:randomly")
+    result.assert_outcomes(passed=3)
+    assert "fastsched postgres backends" not in result.stdout.str()
     seen = [line.split() for line in (db_suite.path / "seen.txt").read_text().splitlines()]
     assert len({pid for pid, _ in seen}) == 1
     assert [held for _, held in seen] == ["0", "0", "0"]
+
+
+@pytest.mark.parametrize("database", ["postgresql"], indirect=True)
+def test_postgres_backends_new_gives_each_loop_a_backend_of_its_own(
+    db_suite: pytest.Pytester,
+) -> None:
+    db_suite.makepyfile(test_kept=KEPT_BACKENDS)
+    result = db_suite.runpytest_subprocess(
+        "-p", "no:randomly", "--fastsched-postgres-backends=new"
+    )
+    result.assert_outcomes(passed=3)
+    result.stdout.fnmatch_lines(["fastsched postgres backends: new"])
+    seen = [line.split() for line in (db_suite.path / "seen.txt").read_text().splitlines()]
+    assert len({pid for pid, _ in seen}) == 3

@@ -234,6 +234,12 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
             "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
         ),
         (
+            "fastsched_postgres_backends = shared",
+            "ERROR: fastsched_postgres_backends = 'shared' is not valid: use one of 'keep', "
+            "'new' (ini option fastsched_postgres_backends or --fastsched-postgres-backends). "
+            "See https://github.com/pytest-fastsched/pytest-fastsched#configuration",
+        ),
+        (
             "fastsched_engine = app.session.engine",
             "ERROR: fastsched_engine = 'app.session.engine' is not a 'module:attr' path: "
             "write it like 'app.services.scheduler:scheduler'. "
@@ -248,6 +254,7 @@ def test_job_exception_fails_the_test_with_the_virtual_instant(
         "isolation",
         "sessionmakers",
         "database-clock",
+        "postgres-backends",
         "engine",
     ],
 )
