@@ -886,6 +886,7 @@ class VirtualClock:
             """Look at the instant: whether the loop must not wait (False once it is over)."""
             __tracebackhide__ = True
             nonlocal spins
+            watchdog.alive()
             if result.done():  # set, or the driving coroutine was cancelled
                 if patch.probe is probe:
                     patch.probe = None
@@ -903,6 +904,7 @@ class VirtualClock:
                 else:
                     spins = 0
                     if not quiescent():
+                        watchdog.attend()  # its ticks wake the loop to look again
                         return False  # work in flight: the loop waits for it
             except BaseException as error:  # raised at the clock call's await
                 result.set_exception(error)
