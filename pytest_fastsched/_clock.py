@@ -886,7 +886,6 @@ class VirtualClock:
             """Look at the instant: whether the loop must not wait (False once it is over)."""
             __tracebackhide__ = True
             nonlocal spins
-            watchdog.alive()
             if result.done():  # set, or the driving coroutine was cancelled
                 if patch.probe is probe:
                     patch.probe = None
@@ -898,8 +897,10 @@ class VirtualClock:
                     spins += 1
                     # A job that never stops yielding keeps the queue busy: look at the
                     # watchdog now and then (a blocked loop is the watchdog thread's to find).
-                    if not spins % _SPINS_PER_LOOK and watchdog.expired():
-                        result.set_result("expired")
+                    if not spins % _SPINS_PER_LOOK:
+                        watchdog.alive()
+                        if watchdog.expired():
+                            result.set_result("expired")
                     return True
                 else:
                     spins = 0
@@ -932,7 +933,9 @@ class VirtualClock:
                 result.set_result("done")
                 return True
             if deadline[0] > self.now_us:
-                watchdog.progress()
+                watchdog.progress()  # the loop goes round too
+            else:
+                watchdog.alive()
             self._set_now(*deadline)
             return True
 

@@ -94,7 +94,7 @@ class Watchdog:
     it found in ``blocked``; ``describe_task`` names the task that ran there.
 
     While the loop steps time without waiting for anything, the thread sleeps until the limit
-    could pass instead of ticking: the clock tells it each time the loop goes round
+    could pass instead of ticking: the clock tells it as the loop goes round
     (:meth:`alive`) and when it is about to wait (:meth:`attend`). A thread that wakes takes
     Python's lock from the loop's thread, which costs that thread far more than the tick's
     own work while it goes round without pause.
@@ -155,7 +155,7 @@ class Watchdog:
         return left + TICK
 
     def alive(self) -> None:
-        """The loop goes round (called each time it selects while the clock steps)."""
+        """The loop goes round (told by the clock as it steps, and now and then between)."""
         self._seen = _REAL_MONOTONIC()
 
     def attend(self) -> None:
@@ -202,8 +202,9 @@ class Watchdog:
         return self.blocked is not None or _REAL_MONOTONIC() > self.deadline
 
     def progress(self) -> None:
-        """Time moved on: the limit starts again."""
-        self.deadline = _REAL_MONOTONIC() + self.seconds
+        """Time moved on: the limit starts again; the loop goes round (:meth:`alive`)."""
+        self._seen = now = _REAL_MONOTONIC()
+        self.deadline = now + self.seconds
 
     def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
         """Resolve ``waiter`` at the next tick, so that a waiting clock call re-checks."""
