@@ -231,7 +231,9 @@ class _LoopPatch:
         """
         loop: Any = self.loop
         scheduled = loop._scheduled
-        if not scheduled or loop._debug:  # debug mode times each callback: leave it the loop
+        # Debug mode times each callback, and a stopping loop leaves what they queue for its
+        # next run: leave both to the loop.
+        if not scheduled or loop._debug or loop._stopping:
             return
         end_time = self.loop_time + loop._clock_resolution
         due = []
