@@ -195,6 +195,8 @@ class _LoopPatch:
         if self._selector is not None and "select" not in vars(self._selector):
             original_select = self._selector.select
 
+            ready = loop._ready  # type: ignore[attr-defined]
+
             def select(timeout: float | None = None) -> Any:
                 # The loop has run its ready queue and is about to wait: a clock call that
                 # steps looks at the instant here (and moves time instead of waiting); if the
@@ -202,8 +204,11 @@ class _LoopPatch:
                 # waiting in real time (forever).
                 probe = self.probe
                 if probe is not None and probe():
-                    timeout = 0
-                elif self.probe is None and (timeout is None or timeout > 0):
+                    events = original_select(0)
+                    if not events and not ready:
+                        self._run_due_timers()
+                    return events
+                if self.probe is None and (timeout is None or timeout > 0):
                     # (A probe still there waits for work in flight: the test does not sleep.)
                     timeout = 0 if clock.test_sleeps() else timeout
                 return original_select(timeout)
@@ -212,6 +217,39 @@ class _LoopPatch:
         else:
             self._selector = None
         self.watches_select = self._selector is not None
+
+    def _run_due_timers(self) -> None:
+        """Run the timers due now as the loop would right after this ``select``, but at once.
+
+        Called from the patched ``select`` when the loop's ready queue is empty and no I/O
+        is ready: the loop would now move exactly these timers to its queue and run them,
+        and run what they queue in its next iteration. Run here, what they queue runs in
+        this iteration instead (the loop counts its queue after ``select``), in the same
+        order: one loop iteration, and its ``epoll_wait``, less per step of the clock. A
+        timer that one of them arms for this instant still runs after all of them, as the
+        loop takes it from its heap after ``select``.
+        """
+        loop: Any = self.loop
+        scheduled = loop._scheduled
+        # Debug mode times each callback, and a stopping loop leaves what they queue for its
+        # next run: leave both to the loop.
+        if not scheduled or loop._debug or loop._stopping:
+            return
+        end_time = self.loop_time + loop._clock_resolution
+        due = []
+        while scheduled and scheduled[0]._when < end_time:
+            handle = heapq.heappop(scheduled)
+            handle._scheduled = False
+            due.append(handle)
+        for index, handle in enumerate(due):
+            if handle._cancelled:
+                continue
+            try:
+                handle._run()
+            except BaseException:
+                # Out of the loop's iteration as from its own run: the rest stay first in line.
+                loop._ready.extendleft(reversed(due[index + 1 :]))
+                raise
 
     def sync_to(self, now_us: int, timer_when: float | None = None) -> None:
         computed = self.loop_time_of(now_us)
@@ -861,12 +899,15 @@ class VirtualClock:
                     spins += 1
                     # A job that never stops yielding keeps the queue busy: look at the
                     # watchdog now and then (a blocked loop is the watchdog thread's to find).
-                    if not spins % _SPINS_PER_LOOK and watchdog.expired():
-                        result.set_result("expired")
+                    if not spins % _SPINS_PER_LOOK:
+                        watchdog.alive()
+                        if watchdog.expired():
+                            result.set_result("expired")
                     return True
                 else:
                     spins = 0
                     if not quiescent():
+                        watchdog.attend()  # its ticks wake the loop to look again
                         return False  # work in flight: the loop waits for it
             except BaseException as error:  # raised at the clock call's await
                 result.set_exception(error)
@@ -894,7 +935,9 @@ class VirtualClock:
                 result.set_result("done")
                 return True
             if deadline[0] > self.now_us:
-                watchdog.progress()
+                watchdog.progress()  # the loop goes round too
+            else:
+                watchdog.alive()
             self._set_now(*deadline)
             return True
 

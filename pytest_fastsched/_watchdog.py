@@ -92,6 +92,12 @@ class Watchdog:
     frame blocking it at two ticks in a row, the watchdog raises
     :class:`~._threads.JobStopped` in the loop's thread (at most three times) and keeps what
     it found in ``blocked``; ``describe_task`` names the task that ran there.
+
+    While the loop steps time without waiting for anything, the thread sleeps until the limit
+    could pass instead of ticking: the clock tells it as the loop goes round
+    (:meth:`alive`) and when it is about to wait (:meth:`attend`). A thread that wakes takes
+    Python's lock from the loop's thread, which costs that thread far more than the tick's
+    own work while it goes round without pause.
     """
 
     def __init__(
@@ -110,18 +116,54 @@ class Watchdog:
         self._suspect: FrameType | None = None
         self._interrupts = 0
         self._stop = threading.Event()
+        self._signal = threading.Event()
+        self._attention = False  # set while the loop waits for work: tick meanwhile
+        self._sleeping = False
         self._waiter: asyncio.Future[None] | None = None
         self._thread = threading.Thread(target=self._run, name="fastsched-watchdog", daemon=True)
         self._thread.start()
 
     def _run(self) -> None:
-        while not self._stop.wait(TICK):
+        while True:
+            woken = self._signal.wait(self._pause())
+            self._sleeping = False
+            if self._stop.is_set():
+                return
+            if woken:  # the loop is about to wait: tick from now on
+                self._signal.clear()
+                continue
             if _REAL_MONOTONIC() - self._seen > self.seconds:
                 self._interrupt_loop()
             try:
                 self._loop.call_soon_threadsafe(self._poke)
             except RuntimeError:
                 return
+
+    def _pause(self) -> float:
+        """Real seconds until the next tick: one tick while anything may wait for it."""
+        waiter = self._waiter
+        if self._attention or (waiter is not None and not waiter.done()):
+            self._attention = False
+            return TICK
+        left = self._seen + self.seconds - _REAL_MONOTONIC()
+        if left < TICK:  # the loop has not gone round for (nearly) the whole limit
+            return TICK
+        self._sleeping = True
+        if self._attention:  # set by the loop meanwhile, before it saw the thread asleep
+            self._attention = self._sleeping = False
+            return TICK
+        return left + TICK
+
+    def alive(self) -> None:
+        """The loop goes round (told by the clock as it steps, and now and then between)."""
+        self._seen = _REAL_MONOTONIC()
+
+    def attend(self) -> None:
+        """The loop is about to wait for work in flight: poke it every tick meanwhile."""
+        self._attention = True
+        if self._sleeping:
+            self._sleeping = False
+            self._signal.set()
 
     def _poke(self) -> None:
         self._seen = _REAL_MONOTONIC()
@@ -160,16 +202,19 @@ class Watchdog:
         return self.blocked is not None or _REAL_MONOTONIC() > self.deadline
 
     def progress(self) -> None:
-        """Time moved on: the limit starts again."""
-        self.deadline = _REAL_MONOTONIC() + self.seconds
+        """Time moved on: the limit starts again; the loop goes round (:meth:`alive`)."""
+        self._seen = now = _REAL_MONOTONIC()
+        self.deadline = now + self.seconds
 
     def wake_on_tick(self, waiter: asyncio.Future[None]) -> None:
         """Resolve ``waiter`` at the next tick, so that a waiting clock call re-checks."""
         self._waiter = waiter
+        self.attend()
 
     def stop(self) -> None:
         """End the watchdog's thread."""
         self._stop.set()
+        self._signal.set()
         self._thread.join()
 
 

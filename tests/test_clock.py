@@ -356,6 +356,53 @@ async def test_an_off_grid_timer_leaves_the_loop_clock_on_the_microsecond_grid(
     assert abs(seen[0] - 10) < 1e-7
 
 
+def _timers_at_one_instant(loop: asyncio.AbstractEventLoop, delay: float) -> list[str]:
+    """Timers due together, what they queue, arm for the same instant and start: the order."""
+    order: list[str] = []
+    when = loop.time() + delay
+
+    async def task() -> None:
+        order.append("task starts")
+        await asyncio.sleep(0)
+        order.append("task resumes")
+
+    def first() -> None:
+        order.append("timer 1")
+        loop.call_soon(lambda: (order.append("soon of 1"), loop.call_soon(order.append, "soon²")))
+        loop.call_at(loop.time(), order.append, "timer armed by 1 for now")
+
+    def second() -> None:
+        order.append("timer 2")
+        loop.create_task(task())
+        loop.call_soon(order.append, "soon of 2")
+
+    loop.call_at(when, first)
+    loop.call_at(when, second)
+    loop.call_at(when + delay, order.append, "next instant")
+    return order
+
+
+async def test_timers_due_together_run_in_the_order_of_asyncios_own_loop(
+    fastsched_clock: VirtualClock,
+) -> None:
+    # When time steps to an instant, the clock runs its due timers inside the loop's select
+    # (one loop iteration less per step): what they queue and arm must still run in the
+    # order the loop gives on real time.
+    async def on_real_time() -> list[str]:
+        order = _timers_at_one_instant(asyncio.get_running_loop(), 0.01)
+        while "next instant" not in order:
+            await asyncio.sleep(0.005)
+        return order
+
+    expected = await asyncio.to_thread(asyncio.run, on_real_time())
+    order = _timers_at_one_instant(asyncio.get_running_loop(), 60)
+    await fastsched_clock.advance(minutes=1)
+    assert order == expected[: expected.index("next instant")]
+    await fastsched_clock.advance(minutes=1)
+    assert order == expected
+    assert expected[:4] == ["timer 1", "timer 2", "soon of 1", "task starts"]
+
+
 async def test_job_exception_is_raised_at_its_instant_and_stops_time(
     fastsched_clock: VirtualClock, fastsched_scheduler: SchedulerHarness, scheduler
 ) -> None:
