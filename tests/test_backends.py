@@ -155,7 +155,7 @@ def test_a_backend_left_in_the_middle_of_a_statement_is_closed(
 def test_a_cancel_request_reaches_the_server(keeper: _backends.BackendKeeper) -> None:
     async def time_out(keeper: _backends.BackendKeeper) -> int:
         connection = await connect(keeper)
-        with pytest.raises(TimeoutError):
+        with pytest.raises(asyncio.TimeoutError):  # TimeoutError from Python 3.11 on
             await asyncio.wait_for(connection.execute("SELECT pg_sleep(60)"), 0.1)
         # Without the cancel the server would sleep on: the next statement would wait.
         answer: int = await asyncio.wait_for(connection.fetchval("SELECT 42"), 20)

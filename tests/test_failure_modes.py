@@ -418,3 +418,62 @@ def test_a_thread_blocked_in_c_code_is_left_behind_and_the_session_ends(
             'E             File "*test_blocked.py", line *, in wait_forever',
         ]
     )
+
+
+def test_a_job_cleaning_up_with_real_work_at_the_tests_end_is_not_cancelled_again(
+    pytester: pytest.Pytester,
+) -> None:
+    # A job run still running at the end of its test is cancelled; its cleanup may wait for
+    # real work (a rollback, a thread) while other tasks keep the loop busy: it gets real
+    # time to finish before it is cancelled again.
+    pytester.makeini(
+        """
+        [pytest]
+        asyncio_mode = auto
+        asyncio_default_fixture_loop_scope = function
+        fastsched_scheduler = app:scheduler
+        """
+    )
+    pytester.makepyfile(
+        app="from apscheduler.schedulers.asyncio import AsyncIOScheduler\n"
+        "scheduler = AsyncIOScheduler(timezone='UTC')\n",
+        test_cleanup="""
+        import asyncio
+        import threading
+
+        import app
+
+        CLEANED = []
+
+
+        async def cleans_up_with_real_work():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                await asyncio.to_thread(threading.Event().wait, 0.003)  # real time
+                CLEANED.append("cleaned")
+
+
+        async def keeps_the_loop_busy_while_it_cleans_up():
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                for _ in range(20):
+                    try:
+                        await asyncio.sleep(0)
+                    except asyncio.CancelledError:
+                        pass
+
+
+        async def test_jobs_running_at_the_end(fastsched_clock, fastsched_scheduler):
+            for job in (cleans_up_with_real_work, keeps_the_loop_busy_while_it_cleans_up):
+                app.scheduler.add_job(job, "date", run_date=fastsched_clock.now())
+            await fastsched_clock.advance(minutes=1)
+
+
+        def test_the_cleanup_ran_to_its_end():
+            assert CLEANED == ["cleaned"]
+        """,
+    )
+    result = pytester.runpytest_subprocess("-p", "no:randomly", timeout=60)
+    result.assert_outcomes(passed=2)
