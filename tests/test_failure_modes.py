@@ -374,21 +374,30 @@ def test_each_failure_mode_fails_one_test_and_the_session_goes_on(
     assert elapsed < 8 * WATCHDOG + (20 if database == "postgresql" else 10)
 
 
-def test_a_thread_blocked_in_c_code_is_left_behind_and_the_session_ends(
-    pytester: pytest.Pytester,
-) -> None:
+def scheduler_suite(pytester: pytest.Pytester, *ini_lines: str) -> None:
+    """A user project whose app is an AsyncIOScheduler (``app:scheduler``), and no database."""
     pytester.makeini(
-        """
-        [pytest]
-        asyncio_mode = auto
-        asyncio_default_fixture_loop_scope = function
-        fastsched_scheduler = app:scheduler
-        fastsched_watchdog = 0.5
-        """
+        "\n".join(
+            [
+                "[pytest]",
+                "asyncio_mode = auto",
+                "asyncio_default_fixture_loop_scope = function",
+                "fastsched_scheduler = app:scheduler",
+                *ini_lines,
+            ]
+        )
     )
     pytester.makepyfile(
         app="from apscheduler.schedulers.asyncio import AsyncIOScheduler\n"
-        "scheduler = AsyncIOScheduler(timezone='UTC')\n",
+        "scheduler = AsyncIOScheduler(timezone='UTC')\n"
+    )
+
+
+def test_a_thread_blocked_in_c_code_is_left_behind_and_the_session_ends(
+    pytester: pytest.Pytester,
+) -> None:
+    scheduler_suite(pytester, "fastsched_watchdog = 0.5")
+    pytester.makepyfile(
         test_blocked="""
         import datetime as dt
         import threading
@@ -426,17 +435,8 @@ def test_a_job_cleaning_up_with_real_work_at_the_tests_end_is_not_cancelled_agai
     # A job run still running at the end of its test is cancelled; its cleanup may wait for
     # real work (a rollback, a thread) while other tasks keep the loop busy: it gets real
     # time to finish before it is cancelled again.
-    pytester.makeini(
-        """
-        [pytest]
-        asyncio_mode = auto
-        asyncio_default_fixture_loop_scope = function
-        fastsched_scheduler = app:scheduler
-        """
-    )
+    scheduler_suite(pytester)
     pytester.makepyfile(
-        app="from apscheduler.schedulers.asyncio import AsyncIOScheduler\n"
-        "scheduler = AsyncIOScheduler(timezone='UTC')\n",
         test_cleanup="""
         import asyncio
         import threading
