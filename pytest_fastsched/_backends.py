@@ -47,7 +47,6 @@ STARTUP_TIMEOUT = 10.0
 KEPT_PER_KIND = 8
 """Idle backends kept for each set of startup parameters; more are closed."""
 
-_PROTOCOL_3 = 196608
 _SSL_REQUEST = 80877103
 _GSSENC_REQUEST = 80877104
 _CANCEL_REQUEST = 80877102

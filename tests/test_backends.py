@@ -203,6 +203,18 @@ def test_concurrent_connections_get_backends_of_their_own_and_keep_them(
     assert keeper.opened == 5
 
 
+def test_no_more_idle_backends_are_kept_than_the_limit(keeper: _backends.BackendKeeper) -> None:
+    many = _backends.KEPT_PER_KIND + 2
+
+    async def at_once(keeper: _backends.BackendKeeper) -> set[int]:
+        return set(await asyncio.gather(*(backend_pid(keeper) for _ in range(many))))
+
+    in_a_loop_of_its_own(keeper, at_once)
+    assert [len(kept) for kept in keeper.idle().values()] == [_backends.KEPT_PER_KIND]
+    in_a_loop_of_its_own(keeper, at_once)
+    assert keeper.opened == many + 2
+
+
 def test_other_startup_parameters_get_another_backend(keeper: _backends.BackendKeeper) -> None:
     async def named(keeper: _backends.BackendKeeper) -> str:
         connection = await connect(keeper, server_settings={"application_name": "other"})
