@@ -15,6 +15,7 @@ from typing import Any
 
 import asyncpg
 import pytest
+from conftest import execute_sql
 
 from pytest_fastsched import _backends, _postgres, _seal
 from pytest_fastsched._postgres import EphemeralPostgres
@@ -349,8 +350,8 @@ def test_a_server_that_asks_a_password_is_reached_directly(tmp_path: Path) -> No
     with EphemeralPostgres.start() as server:
         hba = server.directory / "data" / "pg_hba.conf"
         hba.write_text("local all secret password\nlocal all all trust\n")
-        asyncio.run(_execute(server, "CREATE ROLE secret LOGIN PASSWORD 'word'"))
-        asyncio.run(_execute(server, "SELECT pg_reload_conf()"))
+        asyncio.run(execute_sql(server.dsn(), "CREATE ROLE secret LOGIN PASSWORD 'word'"))
+        asyncio.run(execute_sql(server.dsn(), "SELECT pg_reload_conf()"))
         keeper = _backends.BackendKeeper(server.directory, _postgres.PORT)
 
         async def as_secret(keeper: _backends.BackendKeeper) -> dict[str, Any]:
@@ -367,14 +368,6 @@ def test_a_server_that_asks_a_password_is_reached_directly(tmp_path: Path) -> No
             assert not any(keeper.idle().values())
         finally:
             keeper.close()
-
-
-async def _execute(server: EphemeralPostgres, sql: str) -> None:
-    connection = await asyncpg.connect(server.dsn())
-    try:
-        await connection.execute(sql)
-    finally:
-        await connection.close()
 
 
 KEPT_BACKENDS = """
